@@ -1,0 +1,188 @@
+"""Tests for model.py and the model shapes in configs/ (offline, CPU)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import LLaMA, LLaMAConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "ffn_dim")
+
+
+def load_config(name):
+    ns = {}
+    with open(os.path.join(HERE, "configs", name + ".py")) as f:
+        exec(f.read(), ns)
+    return {k: v for k, v in ns.items() if not k.startswith("__")}
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(dim=64, n_layers=2, n_heads=4, ffn_dim=160, vocab_size=97, max_seq_len=64)
+    cfg.update(kw)
+    return LLaMA(LLaMAConfig(**cfg))
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("llama_60m", 58_073_600), ("llama_130m", 134_105_856), ("llama_350m", 367_969_280),
+    ("llama_1b", 1_339_082_752), ("llama_7b", 6_738_415_616)])
+def test_paper_param_counts(name, expected):
+    cfg = load_config(name)
+    with torch.device("meta"):
+        model = LLaMA(LLaMAConfig(**{k: cfg[k] for k in SHAPE_KEYS}, vocab_size=32000))
+    assert model.num_params() == expected
+    assert model.flops_per_token(256) == 6 * (expected - 32000 * cfg["dim"]) + 12 * cfg["n_layers"] * cfg["dim"] * 256
+
+
+def test_config_files_use_only_known_keys():
+    known = set(SHAPE_KEYS) | {
+        "optimizer", "lr", "adam_lr", "momentum", "weight_decay", "warmup_steps", "max_steps", "min_lr_ratio",
+        "batch_size", "total_batch_size", "seq_len", "eval_every", "eval_tokens", "data_dir", "out_dir",
+        "dtype", "compile", "seed", "resume", "grad_clip", "log_every", "ckpt_every"}
+    recipe = {"llama_60m": (11000, 1e-3, 0.02), "llama_130m": (20000, 1e-3, 0.02), "llama_350m": (60000, 1e-3, 0.02),
+              "llama_1b": (100000, 2e-4, 1e-3), "llama_7b": (150000, 1e-4, 1e-3)}
+    for name, (steps, lr, adam_lr) in recipe.items():
+        cfg = load_config(name)
+        assert set(cfg) <= known, set(cfg) - known
+        assert (cfg["max_steps"], cfg["lr"], cfg["adam_lr"]) == (steps, lr, adam_lr)
+        assert cfg["warmup_steps"] == steps // 10 and cfg["min_lr_ratio"] == 0.1
+        assert (cfg["seq_len"], cfg["total_batch_size"], cfg["momentum"], cfg["weight_decay"]) == (256, 512, 0.9, 0.0)
+        assert cfg["total_batch_size"] % cfg["batch_size"] == 0
+    tiny = load_config("tiny")
+    assert set(tiny) <= known and tiny["dtype"] == "float32" and tiny["compile"] is False
+    LLaMAConfig(**{k: tiny[k] for k in SHAPE_KEYS}, vocab_size=257)
+
+
+def test_structure_and_init():
+    model = tiny_model(n_layers=3)
+    assert isinstance(model.tok_embeddings, torch.nn.Embedding)
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.bias is None
+    assert model.lm_head.weight.data_ptr() != model.tok_embeddings.weight.data_ptr()
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert abs(p.std().item() - 0.02) < 0.003 and abs(p.mean().item()) < 0.002, name
+    big = LLaMA(LLaMAConfig(dim=256, n_layers=1, n_heads=4, ffn_dim=512, vocab_size=1000))
+    assert abs(big.lm_head.weight.std().item() - 0.02) < 2e-4
+
+
+def test_forward_shapes_and_loss():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (3, 17))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 17, 97) and loss is None
+    targets = torch.randint(0, 97, (3, 17))
+    logits, loss = model(idx, targets)
+    assert loss.shape == () and torch.allclose(loss, F.cross_entropy(logits.view(-1, 97), targets.view(-1)))
+    # small init: logits near zero, so the initial loss is close to log(vocab)
+    assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.05
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_causal():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 97
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(dim=100, n_heads=8), "dim (100) must be divisible by n_heads (8); change dim or n_heads"),
+    (dict(dim=96, n_heads=32), "head dim dim/n_heads = 3 must be even for rotary embeddings; change dim or n_heads"),
+    (dict(n_layers=0), "n_layers must be positive, got 0"),
+])
+def test_bad_config(kw, message):
+    cfg = dict(dim=64, n_layers=2, n_heads=4, ffn_dim=160, vocab_size=97)
+    cfg.update(kw)
+    with pytest.raises(ValueError) as e:
+        LLaMAConfig(**cfg)
+    assert str(e.value) == message
+
+
+def test_too_long_sequence():
+    model = tiny_model(max_seq_len=16)
+    model(torch.zeros(1, 16, dtype=torch.long))
+    with pytest.raises(ValueError) as e:
+        model(torch.zeros(1, 17, dtype=torch.long))
+    assert str(e.value) == "sequence length 17 exceeds max_seq_len 16; use shorter sequences or raise max_seq_len"
+
+
+def test_bf16_and_autocast():
+    model = tiny_model()
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    ref_logits, ref_loss = model(idx, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref_loss.item()) < 0.02
+    model.to(torch.bfloat16)
+    logits, loss = model(idx, targets)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert abs(loss.item() - ref_loss.item()) < 0.02
+    loss.backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = tiny_model()
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    ref_logits, ref_loss = model(idx, targets)
+    ref_loss.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    logits, loss = compiled(idx, targets)
+    loss.backward()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for p, g in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+def hf_name(name):
+    """Our parameter name -> LlamaForCausalLM's."""
+    if name == "lm_head.weight":
+        return name
+    name = name.replace("tok_embeddings", "embed_tokens").replace(".attn_norm", ".input_layernorm")
+    name = name.replace(".mlp_norm", ".post_attention_layernorm").replace(".attn.", ".self_attn.")
+    return "model." + name
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_same_as_hf_llama(attn):
+    transformers = pytest.importorskip("transformers", reason="transformers not installed: parity test against LlamaForCausalLM skipped")
+    torch.manual_seed(0)
+    ours = tiny_model(n_layers=3, max_seq_len=128)
+    cfg = ours.config
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, hidden_act="silu",
+        attention_dropout=0.0, attn_implementation=attn)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf_params = dict(hf.named_parameters())
+    assert len(hf_params) == len(list(ours.parameters())) and hf.num_parameters() == ours.num_params()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            hf_params[hf_name(name)].copy_(p)
+    idx, targets = torch.randint(0, 97, (2, 100)), torch.randint(0, 97, (2, 100))
+    logits, loss = ours(idx, targets)
+    out = hf(input_ids=idx)
+    hf_loss = F.cross_entropy(out.logits.view(-1, 97), targets.view(-1))
+    torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, hf_loss, atol=1e-6, rtol=1e-6)
+    # and HF's own shifted-label loss equals ours on the shifted targets
+    hf_shift = hf(input_ids=idx, labels=idx).loss
+    _, our_shift = ours(idx[:, :-1], idx[:, 1:])
+    torch.testing.assert_close(our_shift, hf_shift, atol=1e-5, rtol=1e-5)
