@@ -1,0 +1,190 @@
+"""Token shards on disk and the batch loader that reads them.
+
+A shard is a 32-byte header of four little-endian int64 (magic, format version, bytes per token,
+token count) followed by the tokens as uint16 (vocab <= 65536) or uint32. A prepared data dir holds
+train_000000.bin, ..., val_000000.bin, ... and meta.json (written by prepare_c4.py).
+"""
+import json
+import os
+
+import numpy as np
+
+MAGIC = 0x53434C45_44415441  # "SCLEDATA"
+VERSION = 1
+HEADER = 4  # int64 fields
+HEADER_BYTES = HEADER * 8
+DTYPES = {2: np.uint16, 4: np.uint32}
+SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """Bad data on disk or bad loader arguments; the message says what to do."""
+
+
+def token_dtype(vocab_size):
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def write_atomic(path, write):
+    """write(f) into path + '.tmp', fsync, then rename over path."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(path, tokens):
+    tokens = np.asarray(tokens)
+    if tokens.dtype not in (np.uint16, np.uint32) or tokens.ndim != 1:
+        raise DataError(f"write_shard wants a 1-D uint16/uint32 array, got {tokens.dtype} {tokens.shape}")
+    header = np.array([MAGIC, VERSION, tokens.dtype.itemsize, len(tokens)], dtype="<i8")
+
+    def write(f):
+        f.write(header.tobytes())
+        f.write(np.ascontiguousarray(tokens, tokens.dtype.newbyteorder("<")).data)
+
+    write_atomic(path, write)
+
+
+def read_header(path):
+    """-> (dtype, n_tokens), checking magic, version and file size."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise DataError(f"cannot read shard {path}: {e.strerror}; re-run prepare_c4.py") from None
+    if len(raw) < HEADER_BYTES:
+        raise DataError(f"shard {path} is truncated ({size} bytes, no full header); re-run prepare_c4.py")
+    magic, version, itemsize, n = np.frombuffer(raw, dtype="<i8").tolist()
+    if magic != MAGIC:
+        raise DataError(f"{path} is not a token shard (bad magic number); re-run prepare_c4.py")
+    if version != VERSION:
+        raise DataError(f"shard {path} has format version {version}, this code reads {VERSION}; re-run prepare_c4.py")
+    if itemsize not in DTYPES:
+        raise DataError(f"shard {path} has unknown token size {itemsize} bytes; re-run prepare_c4.py")
+    if size != HEADER_BYTES + n * itemsize:
+        raise DataError(f"shard {path} is truncated or corrupt: {size} bytes, header says "
+                        f"{HEADER_BYTES + n * itemsize}; re-run prepare_c4.py")
+    return np.dtype(DTYPES[itemsize]), n
+
+
+def open_shard(path, dtype=None):
+    """Memory-map a shard's tokens; dtype (if given) is what meta.json says the tokens should be."""
+    shard_dtype, n = read_header(path)
+    if dtype is not None and np.dtype(dtype) != shard_dtype:
+        raise DataError(f"shard {path} holds {shard_dtype} tokens but meta.json says {np.dtype(dtype)}; "
+                        "the shard and meta.json come from different runs: re-run prepare_c4.py")
+    return np.memmap(path, dtype=shard_dtype, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def write_meta(data_dir, meta):
+    path = os.path.join(data_dir, "meta.json")
+    write_atomic(path, lambda f: f.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data dir {data_dir} does not exist; run prepare_c4.py --out_dir {data_dir} first")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        vocab, dtype = meta["vocab_size"], np.dtype(meta["dtype"])
+        for split in SPLITS:
+            s = meta["splits"][split]
+            s["tokens"], s["documents"], list(s["shards"])  # KeyError/TypeError if malformed
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing (preparation never finished?); "
+                        f"run prepare_c4.py --out_dir {data_dir}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is corrupt ({type(e).__name__}: {e}); "
+                        f"re-run prepare_c4.py --out_dir {data_dir}") from None
+    if dtype != token_dtype(vocab):
+        raise DataError(f"{path}: vocab_size {vocab} needs {token_dtype(vocab)} tokens, not {dtype}; "
+                        "re-run prepare_c4.py")
+    return meta
+
+
+class Windows:
+    """The non-overlapping (seq_len+1)-token windows (stride seq_len) of one split's shards."""
+
+    def __init__(self, data_dir, meta, split, seq_len):
+        info = meta["splits"][split]
+        if not info["shards"]:
+            raise DataError(f"{data_dir} has no {split} shards; re-run prepare_c4.py")
+        self.shards = [open_shard(os.path.join(data_dir, name), meta["dtype"]) for name in info["shards"]]
+        n_tokens = sum(len(s) for s in self.shards)
+        if n_tokens != info["tokens"]:
+            raise DataError(f"{split} shards in {data_dir} hold {n_tokens} tokens, meta.json says {info['tokens']}; "
+                            "re-run prepare_c4.py")
+        self.n_tokens, self.seq_len = n_tokens, seq_len
+        counts = [max(len(s) - 1, 0) // seq_len for s in self.shards]
+        self.first = np.cumsum([0] + counts)  # global index of each shard's first window
+        self.count = int(self.first[-1])
+
+    def batch(self, indices):
+        """Windows at these global indices -> x, y int64 tensors of shape (len(indices), seq_len)."""
+        import torch  # imported here so prepare_c4.py's workers do not pay for it
+
+        T = self.seq_len
+        shard_ids = np.searchsorted(self.first, indices, side="right") - 1
+        buf = np.empty((len(indices), T + 1), dtype=np.int64)
+        for row, (i, s) in enumerate(zip(indices, shard_ids)):
+            start = (int(i) - int(self.first[s])) * T
+            buf[row] = self.shards[s][start:start + T + 1]
+        return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
+
+
+class TrainBatches:
+    """Training batches, a deterministic function of (seed, step, micro_step, rank)."""
+
+    def __init__(self, data_dir, seq_len, batch_size, total_batch_size, rank=0, world_size=1, seed=0):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside 0..world_size-1 = {world_size - 1}")
+        if total_batch_size % (batch_size * world_size):
+            raise DataError(f"total_batch_size {total_batch_size} is not divisible by batch_size*world_size = "
+                            f"{batch_size}*{world_size}; change total_batch_size or batch_size")
+        self.meta = load_meta(data_dir)
+        self.vocab_size = self.meta["vocab_size"]
+        self.windows = Windows(data_dir, self.meta, "train", seq_len)
+        if self.windows.count == 0:
+            raise DataError(f"the train split of {data_dir} has {self.windows.n_tokens} tokens, fewer than one "
+                            f"window of seq_len+1 = {seq_len + 1}; prepare more data or lower seq_len")
+        self.B, self.TB, self.rank, self.world_size, self.seed = batch_size, total_batch_size, rank, world_size, seed
+        self.grad_accum = total_batch_size // (batch_size * world_size)
+        self._perms = {}
+
+    def permutation(self, epoch):
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perms[epoch] = rng.permutation(self.windows.count)
+        return self._perms[epoch]
+
+    def get(self, step, micro_step):
+        # position p of the endless sequence of epoch permutations is window perm(p // N)[p % N]
+        start = step * self.TB + (micro_step * self.world_size + self.rank) * self.B
+        N = self.windows.count
+        pos = np.arange(start, start + self.B)
+        idx = np.empty(self.B, dtype=np.int64)
+        for epoch in np.unique(pos // N):
+            sel = pos // N == epoch
+            idx[sel] = self.permutation(int(epoch))[pos[sel] % N]
+        return self.windows.batch(idx)
+
+
+def val_batches(data_dir, seq_len, batch_size, eval_tokens, rank=0, world_size=1):
+    """The first ceil(eval_tokens/seq_len) val windows; rank r takes windows r, r+W, ... in batches.
+    Checks its input when called, before the first batch is asked for."""
+    windows = Windows(data_dir, load_meta(data_dir), "val", seq_len)
+    n = -(-eval_tokens // seq_len)
+    if n > windows.count:
+        raise DataError(f"eval_tokens={eval_tokens} needs {n} val windows of {seq_len + 1} tokens but the val split "
+                        f"of {data_dir} has {windows.n_tokens} tokens ({windows.count} windows); "
+                        "lower eval_tokens or prepare more val data")
+    mine = np.arange(rank, n, world_size)
+    return (windows.batch(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size))

@@ -1,0 +1,199 @@
+"""Tokenize C4 (or any json/jsonl(.gz) files with a "text" field) into packed token shards.
+
+python prepare_c4.py --out_dir data/c4_gpt2          # 1 train + 1 val file of allenai/c4 from the hub
+python prepare_c4.py --out_dir data/c4_byte --data_dir /path/to/c4 --tokenizer byte --train_shards 8
+
+Each document becomes <|endoftext|> + its tokens, concatenated without padding or truncation, cut into
+shards of --shard_tokens tokens; the output is the same for any --workers. Shards are staged as *.new and
+moved into place once all input is tokenized, meta.json last: an interrupted or failed run never leaves
+a dataset that looks complete, and rerunning gives byte-identical output."""
+import argparse
+import functools
+import glob
+import gzip
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import numpy as np
+import tiktoken
+
+from data import DataError, token_dtype, write_meta, write_shard
+
+C4_FILES = {"train": "en/c4-train.{:05d}-of-01024.json.gz", "val": "en/c4-validation.{:05d}-of-00008.json.gz"}
+CHUNK_DOCS = 512  # documents per work item; fixed, so the output does not depend on --workers
+
+
+@functools.lru_cache
+def get_encoding(name):
+    if name == "byte":
+        return tiktoken.Encoding("byte", pat_str=r"[\s\S]+", special_tokens={"<|endoftext|>": 256},
+                                 mergeable_ranks={bytes([i]): i for i in range(256)})
+    if name not in tiktoken.list_encoding_names():
+        raise DataError(f"unknown tokenizer {name!r}; use byte or one of {', '.join(tiktoken.list_encoding_names())}")
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:
+        raise DataError(f"could not download tiktoken encoding {name!r} ({type(e).__name__}); run once with network "
+                        "access, point TIKTOKEN_CACHE_DIR at a dir holding it, or use --tokenizer byte") from None
+
+
+def c4_files(train_shards, val_shards):
+    return {s: [C4_FILES[s].format(i) for i in range(n or 1)] for s, n in zip(C4_FILES, (train_shards, val_shards))}
+
+
+def find_sources(data_dir, train_shards, val_shards):
+    """-> {split: [json(.gz) file paths]}. In a plain directory or glob, files named *val* are the val
+    split and the rest train; if none (or all) do, the last file (sorted by name) is val."""
+    if os.path.isdir(os.path.join(data_dir, "en")):  # local clone of allenai/c4
+        files = {s: [os.path.join(data_dir, f) for f in fs] for s, fs in c4_files(train_shards, val_shards).items()}
+        missing = [f for fs in files.values() for f in fs if not os.path.isfile(f)]
+        if missing:
+            raise DataError(f"{missing[0]} is missing; download it into the clone or lower --train_shards/--val_shards")
+        return files
+    if not glob.has_magic(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir} does not exist; give a local C4 clone or a dir/glob of json files")
+    paths = glob.glob(data_dir if glob.has_magic(data_dir) else os.path.join(data_dir, "*"))
+    paths = sorted(p for p in paths if p.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")))
+    if len(paths) < 2:
+        raise DataError(f"{data_dir} has {len(paths)} .json/.jsonl(.gz) files; need at least 2 (train and val)")
+    val = [p for p in paths if "val" in os.path.basename(p)]
+    val = val if 0 < len(val) < len(paths) else paths[-1:]
+    train = [p for p in paths if p not in val]
+    return {"train": train[:train_shards], "val": val[:val_shards]}
+
+
+def read_chunks(path):
+    """Yield (path, first line number, raw lines) work items of one json-lines file."""
+    lines, first = [], 1
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    lines.append(line)
+                if len(lines) == CHUNK_DOCS:
+                    yield path, first, lines
+                    lines, first = [], lineno + 1
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path} ({e}); re-download it") from None
+    if first == 1 and not lines:
+        raise DataError(f"{path} is empty; remove it or re-download it")
+    yield path, first, lines
+
+
+def hub_chunks(split, files):
+    import datasets  # only needed without --data_dir
+    try:
+        ds = datasets.load_dataset("allenai/c4", data_files=files, split="train")
+    except Exception as e:
+        raise DataError(f"could not load {files} of allenai/c4 from the hub ({type(e).__name__}); "
+                        "check the network or pass --data_dir with a local copy") from None
+    for i in range(0, len(ds), CHUNK_DOCS):
+        yield f"allenai/c4 {split}", None, ds[i:i + CHUNK_DOCS]["text"]
+
+
+def tokenize(tokenizer, chunk):
+    """One work item -> (number of docs, tokens as np array). Raw json lines are parsed here."""
+    enc, (where, first, items), out = get_encoding(tokenizer), chunk, []
+    for k, item in enumerate(items):
+        try:
+            out.append(enc.eot_token)
+            out += enc.encode_ordinary(item if first is None else json.loads(item)["text"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{where} line {first + k}: not a JSON object with a 'text' string; "
+                            "fix or remove that file") from None
+    return len(items), np.array(out, dtype=token_dtype(enc.n_vocab))
+
+
+def tokenize_split(split, chunks, pool, args):
+    """Tokenize one split into staged shards <split>_NNNNNN.bin.new; -> its meta.json entry."""
+    names, buf, n_tokens, n_docs, t0 = [], [], 0, 0, time.time()
+
+    def flush(tokens):
+        names.append(f"{split}_{len(names):06d}.bin")
+        write_shard(os.path.join(args.out_dir, names[-1] + ".new"), tokens)
+
+    try:
+        work = functools.partial(tokenize, args.tokenizer)
+        for docs, tokens in pool.imap(work, chunks) if pool else map(work, chunks):
+            n_docs, n_tokens = n_docs + docs, n_tokens + len(tokens)
+            buf.append(tokens)
+            while sum(map(len, buf)) >= args.shard_tokens:
+                joined = np.concatenate(buf)
+                flush(joined[:args.shard_tokens])
+                buf = [joined[args.shard_tokens:]]
+            print(f"\r{split}: {n_docs:,} docs, {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} tokens/s",
+                  end="", file=sys.stderr, flush=True)
+    finally:
+        print(file=sys.stderr)
+    if sum(map(len, buf)):
+        flush(np.concatenate(buf))
+    return {"shards": names, "tokens": n_tokens, "documents": n_docs}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one-line error instead of usage + exit
+        raise DataError(f"{message}; see python prepare_c4.py --help")
+
+
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--data_dir", help="local C4 clone, or dir/glob of json/jsonl(.gz) files (default: the hub)")
+    p.add_argument("--tokenizer", default="gpt2", help="a tiktoken encoding name, or byte")
+    p.add_argument("--train_shards", type=int, help="source files for train (default: 1 of C4, else all)")
+    p.add_argument("--val_shards", type=int, help="source files for val (default: 1 of C4, else all)")
+    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per output shard")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    args = p.parse_args(argv)
+    if args.workers < 1 or args.shard_tokens < 1 or min(args.train_shards or 1, args.val_shards or 1) < 1:
+        raise DataError("--workers, --shard_tokens, --train_shards and --val_shards must be positive")
+    enc = get_encoding(args.tokenizer)
+    if args.data_dir:
+        files = find_sources(args.data_dir, args.train_shards, args.val_shards)
+        source = {"files": {s: [os.path.abspath(f) for f in fs] for s, fs in files.items()}}
+        chunks = {s: (c for f in fs for c in read_chunks(f)) for s, fs in files.items()}
+    else:
+        source = {"hub": "allenai/c4", "files": c4_files(args.train_shards, args.val_shards)}
+        chunks = {s: hub_chunks(s, fs) for s, fs in source["files"].items()}
+    os.makedirs(args.out_dir, exist_ok=True)
+    meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "source": source,
+            "dtype": token_dtype(enc.n_vocab).name, "shard_tokens": args.shard_tokens, "splits": {}}
+    pool = mp.Pool(args.workers) if args.workers > 1 else None
+    try:
+        for split in ("train", "val"):
+            meta["splits"][split] = tokenize_split(split, chunks[split], pool, args)
+    except BaseException:
+        remove_shards(args.out_dir, suffixes=(".new", ".tmp"))  # our staged files; an older dataset stays intact
+        raise
+    finally:
+        if pool:
+            pool.terminate()
+    install(args.out_dir, meta)
+    return meta
+
+
+def remove_shards(out_dir, suffixes=(".bin", ".new", ".tmp"), keep=()):
+    for name in os.listdir(out_dir):
+        if name.startswith(("train_", "val_")) and name.endswith(suffixes) and name not in keep:
+            os.remove(os.path.join(out_dir, name))
+
+
+def install(out_dir, meta):
+    """Move the staged shards into place, drop shards of earlier runs, then write meta.json."""
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+        os.remove(os.path.join(out_dir, "meta.json"))
+    keep = [name for s in meta["splits"].values() for name in s["shards"]]
+    for name in keep:
+        os.replace(os.path.join(out_dir, name + ".new"), os.path.join(out_dir, name))
+    remove_shards(out_dir, keep=keep)
+    write_meta(out_dir, meta)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")

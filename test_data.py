@@ -1,0 +1,371 @@
+"""Tests of prepare_c4.py and data.py, offline, on small generated C4-format files (see conftest.py)."""
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+import data
+import prepare_c4
+from conftest import make_c4_source, write_c4_file
+from data import DataError, TrainBatches, open_shard, val_batches
+
+SPLIT_FILES = {"train": ["en/c4-train.00000-of-01024.json.gz", "en/c4-train.00001-of-01024.json.gz"],
+               "val": ["en/c4-validation.00000-of-00008.json.gz"]}
+
+
+def read_docs(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def split_tokens(data_dir, split):
+    meta = data.load_meta(data_dir)
+    return np.concatenate([open_shard(os.path.join(data_dir, n)) for n in meta["splits"][split]["shards"]])
+
+
+def dir_bytes(d):
+    return {name: open(os.path.join(d, name), "rb").read() for name in sorted(os.listdir(d))}
+
+
+def prepare(out, src, *extra):
+    return prepare_c4.main(["--out_dir", str(out), "--data_dir", str(src), "--tokenizer", "byte", *extra])
+
+
+# ---------------------------------------------------------------- prepare_c4.py
+
+
+def test_byte_encoding_is_utf8_bytes_plus_eot():
+    enc = prepare_c4.get_encoding("byte")
+    assert isinstance(enc, tiktoken.Encoding) and enc.n_vocab == 257 and enc.eot_token == 256
+    text = "Grüße, 世界!\n  tabs\tand emoji 🙂"
+    assert enc.encode_ordinary(text) == list(text.encode("utf-8"))
+    assert enc.decode(enc.encode_ordinary(text)) == text
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [256]
+
+
+def test_tokens_equal_direct_encoding(c4_source, byte_data):
+    enc = prepare_c4.get_encoding("byte")
+    meta = data.load_meta(byte_data)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["dtype"]) == ("byte", 257, 256, "uint16")
+    for split, files in SPLIT_FILES.items():
+        docs = [d for f in files for d in read_docs(c4_source / f)]
+        expected = [t for d in docs for t in [256] + list(d.encode("utf-8"))]
+        assert expected == [t for d in docs for t in [enc.eot_token] + enc.encode_ordinary(d)]
+        got = split_tokens(byte_data, split)
+        assert got.dtype == np.uint16 and got.tolist() == expected
+        info = meta["splits"][split]
+        assert (info["tokens"], info["documents"]) == (len(expected), len(docs))
+        # eot exactly at each document start
+        starts = np.cumsum([0] + [1 + len(d.encode()) for d in docs[:-1]])
+        assert np.flatnonzero(got == 256).tolist() == starts.tolist()
+        # every shard but the last holds exactly shard_tokens tokens
+        sizes = [len(open_shard(os.path.join(byte_data, n))) for n in info["shards"]]
+        assert all(s == 40000 for s in sizes[:-1]) and 0 < sizes[-1] <= 40000
+    assert meta["splits"]["train"]["shards"] == ["train_000000.bin", "train_000001.bin"]
+    assert meta["source"]["files"] == {s: [str(c4_source / f) for f in fs] for s, fs in SPLIT_FILES.items()}
+
+
+def test_same_bytes_for_any_worker_count(c4_source, byte_data, tmp_path):
+    prepare(tmp_path, c4_source, "--train_shards", "2", "--workers", "2", "--shard_tokens", "40000")
+    assert dir_bytes(tmp_path) == dir_bytes(byte_data)
+
+
+def test_rerun_after_kill_gives_same_bytes(c4_source, byte_data, tmp_path, monkeypatch):
+    args = ("--train_shards", "2", "--workers", "1", "--shard_tokens", "40000")
+    # killed while tokenizing: staged shards and a half-written temp file lie around
+    shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
+    os.remove(tmp_path / "meta.json")
+    os.rename(tmp_path / "val_000000.bin", tmp_path / "val_000000.bin.new")
+    (tmp_path / "train_000001.bin.new.tmp").write_bytes(b"half a shard")
+    (tmp_path / "train_000005.bin").write_bytes(b"stale shard of a bigger earlier run")
+    with open(tmp_path / "train_000000.bin", "r+b") as f:
+        f.truncate(1000)
+    prepare(tmp_path, c4_source, *args)
+    assert dir_bytes(tmp_path) == dir_bytes(byte_data)
+
+    # killed while moving shards into place: no meta.json, so the dataset is refused until a rerun
+    real_replace, calls = os.replace, []
+
+    def dying_replace(src, dst):
+        if dst.endswith(".bin"):
+            calls.append(dst)
+        if len(calls) == 2:  # the second shard moved into place
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(prepare_c4.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path, c4_source, *args)
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="meta.json is missing"):
+        data.load_meta(tmp_path)
+    prepare(tmp_path, c4_source, *args)
+    assert dir_bytes(tmp_path) == dir_bytes(byte_data)
+
+
+def test_killed_subprocess_then_rerun(tmp_path):
+    src, out_a, out_b = tmp_path / "src", tmp_path / "a", tmp_path / "b"
+    make_c4_source(src, n_train=(20000,), n_val=50)
+    cmd = [sys.executable, "prepare_c4.py", "--data_dir", str(src), "--tokenizer", "byte", "--shard_tokens", "20000",
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd + ["--out_dir", str(out_a)], stderr=subprocess.PIPE, cwd=os.path.dirname(__file__))
+    proc.stderr.read(1)  # first progress output: tokenization is under way
+    proc.kill()
+    proc.wait()
+    assert not (out_a / "meta.json").exists() and any(n.endswith(".bin.new") for n in os.listdir(out_a))
+    subprocess.run(cmd + ["--out_dir", str(out_a)], check=True, capture_output=True, cwd=os.path.dirname(__file__))
+    prepare(out_b, src, "--shard_tokens", "20000", "--workers", "1")
+    assert dir_bytes(out_a) == dir_bytes(out_b)
+
+
+def test_plain_directory_and_glob(tmp_path):
+    d = tmp_path / "files"
+    d.mkdir()
+    (d / "b.jsonl").write_text('{"text": "second"}\n\n{"text": "third", "extra": 1}\n')
+    write_c4_file(d / "a.json.gz", ["first"])
+    (d / "notes.txt").write_text("ignored")
+    (d / "z.jsonl").write_text('{"text": "held out"}\n')
+    meta = prepare(tmp_path / "o1", d, "--workers", "1")  # no file named *val*: the last file is val
+    assert meta["source"]["files"] == {"train": [str(d / "a.json.gz"), str(d / "b.jsonl")], "val": [str(d / "z.jsonl")]}
+    assert split_tokens(tmp_path / "o1", "train").tolist() == [256, *b"first", 256, *b"second", 256, *b"third"]
+    assert split_tokens(tmp_path / "o1", "val").tolist() == [256, *b"held out"]
+    (d / "my_val.jsonl").write_text('{"text": "v"}\n')  # a file named *val* is the val split
+    meta = prepare(tmp_path / "o2", str(d / "*.json*"), "--workers", "1")
+    assert [os.path.basename(f) for f in meta["source"]["files"]["val"]] == ["my_val.jsonl"]
+    assert split_tokens(tmp_path / "o2", "train").tolist()[-9:] == [256, *b"held out"]
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "--data_dir {d}/missing does not exist; give a local C4 clone or a dir/glob of json files"),
+    (lambda d: (d / "missing").mkdir() or (d / "missing" / "x.txt").write_text("hi"),
+     "{d}/missing has 0 .json/.jsonl(.gz) files; need at least 2 (train and val)"),
+])
+def test_bad_source_dir(tmp_path, setup, message):
+    setup(tmp_path)
+    with pytest.raises(DataError) as e:
+        prepare(tmp_path / "out", tmp_path / "missing")
+    assert str(e.value) == message.format(d=tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "{f} is empty; remove it or re-download it"),
+    (b'{"text": "ok"}\nnot json\n', "{f} line 2: not a JSON object with a 'text' string; fix or remove that file"),
+    (b'{"text": "ok"}\n{"url": "x"}\n', "{f} line 2: not a JSON object with a 'text' string; fix or remove that file"),
+    (b'{"text": 3}\n', "{f} line 1: not a JSON object with a 'text' string; fix or remove that file"),
+    (b"garbage", "cannot read {f} (Not a gzipped file (b'ga')); re-download it"),
+])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_bad_file_leaves_existing_data_intact(byte_data, tmp_path, content, message, workers):
+    out = tmp_path / "out"
+    shutil.copytree(byte_data, out)
+    src = tmp_path / "src"
+    make_c4_source(src, n_train=(20,), n_val=5)
+    bad = src / "en/c4-validation.00000-of-00008.json.gz"
+    bad.write_bytes(content if content == b"garbage" else gzip.compress(content))
+    with pytest.raises(DataError) as e:
+        prepare(out, src, "--workers", workers)
+    assert str(e.value) == message.format(f=bad)
+    assert dir_bytes(out) == dir_bytes(byte_data)
+
+
+def test_missing_c4_file(c4_source, tmp_path):
+    with pytest.raises(DataError, match=r"c4-train.00002-of-01024.json.gz is missing; download it into the clone "
+                                        r"or lower --train_shards/--val_shards"):
+        prepare(tmp_path, c4_source, "--train_shards", "3")
+
+
+def test_unknown_tokenizer_and_download_failure(monkeypatch):
+    with pytest.raises(DataError, match=r"^unknown tokenizer 'gpt3'; use byte or one of gpt2, .*cl100k_base"):
+        prepare_c4.get_encoding("gpt3")
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(DataError) as e:
+        prepare_c4.get_encoding("gpt2")
+    assert str(e.value) == ("could not download tiktoken encoding 'gpt2' (ConnectionError); run once with network "
+                            "access, point TIKTOKEN_CACHE_DIR at a dir holding it, or use --tokenizer byte")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "x"], "error: argument --workers: invalid int value: 'x'; see python prepare_c4.py --help"),
+    (["--data_dir", "/nonexistent/c4", "--tokenizer", "byte"],
+     "error: --data_dir /nonexistent/c4 does not exist; give a local C4 clone or a dir/glob of json files"),
+    (["--tokenizer", "byte", "--workers", "0"],
+     "error: --workers, --shard_tokens, --train_shards and --val_shards must be positive"),
+])
+def test_cli_prints_one_error_line(tmp_path, args, message):
+    r = subprocess.run([sys.executable, "prepare_c4.py", "--out_dir", str(tmp_path / "o"), *args],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 1 and r.stdout == "" and r.stderr == message + "\n"
+
+
+# ---------------------------------------------------------------- shard format
+
+
+def test_shard_round_trip_and_dtypes(tmp_path):
+    for dtype in (np.uint16, np.uint32):
+        tokens = np.array([0, 1, 256, np.iinfo(dtype).max], dtype=dtype)
+        data.write_shard(str(tmp_path / "s.bin"), tokens)
+        got = open_shard(str(tmp_path / "s.bin"), dtype)
+        assert got.dtype == dtype and got.tolist() == tokens.tolist()
+        assert os.path.getsize(tmp_path / "s.bin") == 32 + 4 * np.dtype(dtype).itemsize
+    assert sorted(os.listdir(tmp_path)) == ["s.bin"]
+    assert data.token_dtype(257) == np.uint16 and data.token_dtype(65536) == np.uint16
+    assert data.token_dtype(65537) == np.uint32 and data.token_dtype(100277) == np.uint32
+
+
+def test_shard_header_errors(tmp_path):
+    path = str(tmp_path / "s.bin")
+    data.write_shard(path, np.arange(100, dtype=np.uint16))
+    good = open(path, "rb").read()
+
+    def check(raw, message, dtype=None):
+        open(path, "wb").write(raw)
+        with pytest.raises(DataError) as e:
+            open_shard(path, dtype)
+        assert str(e.value) == message.format(p=path)
+
+    check(good[:-2], "shard {p} is truncated or corrupt: 230 bytes, header says 232; re-run prepare_c4.py")
+    check(good + b"xx", "shard {p} is truncated or corrupt: 234 bytes, header says 232; re-run prepare_c4.py")
+    check(good[:10], "shard {p} is truncated (10 bytes, no full header); re-run prepare_c4.py")
+    check(b"x" * 8 + good[8:], "{p} is not a token shard (bad magic number); re-run prepare_c4.py")
+    check(good[:8] + np.int64(7).tobytes() + good[16:],
+          "shard {p} has format version 7, this code reads 1; re-run prepare_c4.py")
+    check(good[:16] + np.int64(3).tobytes() + good[24:],
+          "shard {p} has unknown token size 3 bytes; re-run prepare_c4.py")
+    check(good, "shard {p} holds uint16 tokens but meta.json says uint32; the shard and meta.json come from "
+                "different runs: re-run prepare_c4.py", np.uint32)
+    with pytest.raises(DataError, match="write_shard wants a 1-D uint16/uint32 array, got int64"):
+        data.write_shard(path, np.arange(3))
+
+
+def test_meta_errors(byte_data, tmp_path):
+    with pytest.raises(DataError, match=f"data dir {tmp_path}/nope does not exist; run prepare_c4.py"):
+        data.load_meta(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match=r"meta.json is missing \(preparation never finished\?\)"):
+        data.load_meta(str(tmp_path))
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"meta.json is corrupt \(JSONDecodeError: .*re-run prepare_c4.py"):
+        data.load_meta(str(tmp_path))
+    meta = data.load_meta(byte_data)
+    del meta["splits"]["val"]
+    data.write_meta(str(tmp_path), meta)
+    with pytest.raises(DataError, match=r"meta.json is corrupt \(KeyError: 'val'\)"):
+        data.load_meta(str(tmp_path))
+
+
+def test_vocab_mismatch_between_meta_and_shards(byte_data, tmp_path):
+    shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
+    meta = data.load_meta(tmp_path)
+    meta["vocab_size"] = 100277
+    data.write_meta(str(tmp_path), meta)
+    with pytest.raises(DataError, match=r"meta.json: vocab_size 100277 needs uint32 tokens, not uint16"):
+        TrainBatches(str(tmp_path), 16, 2, 2)
+    meta["dtype"] = "uint32"
+    data.write_meta(str(tmp_path), meta)
+    with pytest.raises(DataError, match=r"train_000000.bin holds uint16 tokens but meta.json says uint32"):
+        TrainBatches(str(tmp_path), 16, 2, 2)
+    meta = data.load_meta(byte_data)
+    meta["splits"]["train"]["tokens"] += 1
+    data.write_meta(str(tmp_path), meta)
+    with pytest.raises(DataError, match=r"train shards in .* hold 62885 tokens, meta.json says 62886; re-run"):
+        TrainBatches(str(tmp_path), 16, 2, 2)
+
+
+# ---------------------------------------------------------------- loader
+
+
+def reference_windows(data_dir, split, T):
+    """All (T+1)-token windows of a split, shard by shard, stride T (independent of data.py's index math)."""
+    out = []
+    for name in data.load_meta(data_dir)["splits"][split]["shards"]:
+        toks = open_shard(os.path.join(data_dir, name)).astype(np.int64)
+        out += [toks[i:i + T + 1] for i in range(0, len(toks) - T, T)]
+    return np.stack(out)
+
+
+def test_train_batches_match_reference(byte_data):
+    T, B, TB, seed = 64, 4, 16, 3
+    ref = reference_windows(byte_data, "train", T)
+    tb = TrainBatches(str(byte_data), T, B, TB, seed=seed)
+    assert tb.vocab_size == 257 and tb.grad_accum == 4 and tb.meta["tokenizer"] == "byte"
+    order = np.concatenate([np.random.default_rng([seed, e]).permutation(len(ref)) for e in range(3)])
+    n_steps = 2 * len(ref) // TB + 1  # crosses two epoch boundaries
+    for step in list(range(3)) + [n_steps - 2, n_steps - 1]:
+        for k in range(4):
+            x, y = tb.get(step, k)
+            assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (B, T)
+            assert x.is_contiguous() and y.is_contiguous()
+            want = ref[order[step * TB + k * B: step * TB + (k + 1) * B]]
+            assert np.array_equal(x.numpy(), want[:, :-1]) and np.array_equal(y.numpy(), want[:, 1:])
+
+
+def test_train_batches_deterministic_and_resumable(byte_data):
+    a = TrainBatches(str(byte_data), 32, 2, 8, seed=1)
+    first = [a.get(s, k)[0] for s in range(5) for k in range(4)]
+    b = TrainBatches(str(byte_data), 32, 2, 8, seed=1)  # a resumed run starting at step 3
+    assert all(torch.equal(b.get(s, k)[0], first[s * 4 + k]) for s in (3, 4) for k in range(4))
+    c = TrainBatches(str(byte_data), 32, 2, 8, seed=2)
+    assert not torch.equal(c.get(0, 0)[0], first[0])
+
+
+def test_ranks_disjoint_and_accumulation_equals_ranks(byte_data):
+    T, B, TB = 32, 2, 12
+    one = TrainBatches(str(byte_data), T, B, TB)
+    ranks = [TrainBatches(str(byte_data), T, B, TB, rank=r, world_size=3) for r in range(3)]
+    assert one.grad_accum == 6 and ranks[0].grad_accum == 2
+    for step in (0, 7):
+        seen = [ranks[r].get(step, k)[0] for k in range(2) for r in range(3)]  # ordered like the 1-process micro-steps
+        assert all(torch.equal(seen[m], one.get(step, m)[0]) for m in range(6))
+        rows = {tuple(row.tolist()) for x in seen for row in x}
+        assert len(rows) == TB  # no window read twice in a step
+
+
+def test_val_windows_same_for_any_world_size(byte_data):
+    T, eval_tokens = 64, 3000
+    ref = reference_windows(byte_data, "val", T)[:-(-eval_tokens // T)]
+    for W in (1, 2, 3):
+        got = {}
+        for r in range(W):
+            rows = [row for x, y in val_batches(str(byte_data), T, 4, eval_tokens, rank=r, world_size=W)
+                    for row in torch.cat([x, y[:, -1:]], 1).numpy()]
+            got.update({r + W * i: row for i, row in enumerate(rows)})
+        assert sorted(got) == list(range(len(ref))) and all(np.array_equal(got[i], ref[i]) for i in got)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=4, total_batch_size=10, world_size=2),
+     "total_batch_size 10 is not divisible by batch_size*world_size = 4*2; change total_batch_size or batch_size"),
+    (dict(rank=2, world_size=2), "rank 2 is outside 0..world_size-1 = 1"),
+    (dict(seq_len=10**6), "the train split of {d} has 62885 tokens, fewer than one window of seq_len+1 = 1000001;"
+                          " prepare more data or lower seq_len"),
+])
+def test_train_batches_bad_input(byte_data, kwargs, message):
+    args = dict(data_dir=str(byte_data), seq_len=16, batch_size=2, total_batch_size=4) | kwargs
+    with pytest.raises(DataError) as e:
+        TrainBatches(**args)
+    assert str(e.value) == message.format(d=byte_data)
+
+
+def test_no_shards(byte_data, tmp_path):
+    meta = data.load_meta(byte_data)
+    meta["splits"]["train"] = {"shards": [], "tokens": 0, "documents": 0}
+    data.write_meta(str(tmp_path), meta)
+    with pytest.raises(DataError, match=f"^{tmp_path} has no train shards; re-run prepare_c4.py$"):
+        TrainBatches(str(tmp_path), 16, 2, 2)
+
+
+def test_val_too_few_tokens(byte_data):
+    with pytest.raises(DataError) as e:
+        val_batches(str(byte_data), 1024, 4, 16 * 1024)
+    assert str(e.value) == (f"eval_tokens=16384 needs 16 val windows of 1025 tokens but the val split of {byte_data} "
+                            "has 15655 tokens (15 windows); lower eval_tokens or prepare more val data")
