@@ -1,0 +1,273 @@
+"""Tests for scale.py against an independent float64 transcription of the paper's update rule."""
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from model import LLaMA, LLaMAConfig
+from scale import SCALE, scale_param_groups
+
+
+class Toy(nn.Module):
+    """Every role and shape case: embedding, a 3-D conv weight, Linear weights and biases, norm gains, lm_head."""
+
+    def __init__(self, tied=False):
+        super().__init__()
+        self.emb = nn.Embedding(50, 12)
+        self.conv = nn.Conv1d(12, 8, 3)
+        self.fc = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+        if tied:
+            self.lm_head = nn.Linear(12, 50, bias=False)
+            self.lm_head.weight = self.emb.weight
+
+
+def roles_of(groups):
+    return {id(p): g["role"] for g in groups for p in g["params"]}
+
+
+def reference_step(params, roles, state, lr, wd, lr0, adam_lr, beta=0.9, momentum_roles=("output",),
+                   betas=(0.9, 0.999), eps=1e-8):
+    """The method as written in the paper's code, one tensor at a time, in float64; returns new params."""
+    out = []
+    for p in params:
+        role, g, x = roles[id(p)], p.grad.double(), p.detach().double()
+        s = state.setdefault(id(p), {})
+        if role == "vector":
+            b1, b2 = betas
+            s["t"] = s.get("t", 0) + 1
+            s["m"] = b1 * s.get("m", 0) + (1 - b1) * g
+            s["v"] = b2 * s.get("v", 0) + (1 - b2) * g * g
+            a_lr = adam_lr * lr / lr0
+            u = s["m"] / (s["v"].sqrt() + eps) / ((1 - b1 ** s["t"]) / math.sqrt(1 - b2 ** s["t"]))
+            out.append(x * (1 - a_lr * wd) - a_lr * u)
+            continue
+        if beta > 0 and role in momentum_roles:
+            s["m"] = beta * s.get("m", 0) + (1 - beta) * g
+            g = s["m"]
+        g2 = g.reshape(g.shape[0], -1)
+        dim = 0 if role == "embedding" else 1
+        r = torch.sqrt(torch.mean(g2 ** 2, dim=dim, keepdim=True)).clamp(min=1e-8)
+        out.append(x * (1 - lr * wd) - lr * (g2 / r).reshape(x.shape))
+    return out
+
+
+def random_grads(model, seed, dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(model.parameters()):
+        g = torch.randn(p.shape, generator=gen) * (10.0 ** (i % 3 - 1))
+        p.grad = g.to(dtype or p.dtype)
+
+
+SCHEDULE = [(1e-2, 0.0), (3e-3, 0.1), (5e-4, 0.05), (2e-2, 0.0)]  # (lr, weight decay) per step
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.0), dict(momentum=0.8, adam_lr=0.02),
+                                    dict(momentum_roles=("matrix", "embedding", "output"))])
+def test_matches_reference_fp32(kwargs):
+    torch.manual_seed(0)
+    model = Toy()
+    groups = scale_param_groups(model)
+    opt = SCALE(groups, lr=1e-2, **kwargs)
+    params, roles, state = list(model.parameters()), roles_of(groups), {}
+    for step, (lr, wd) in enumerate(SCHEDULE):
+        random_grads(model, step)
+        for group in opt.param_groups:
+            group["lr"], group["weight_decay"] = lr, wd
+        expected = reference_step(params, roles, state, lr, wd, lr0=1e-2, adam_lr=kwargs.get("adam_lr", 1e-2),
+                                  beta=kwargs.get("momentum", 0.9),
+                                  momentum_roles=kwargs.get("momentum_roles", ("output",)))
+        opt.step()
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach().double(), e, rtol=2e-6, atol=1e-7)
+
+
+def test_bf16_reduces_in_fp32_and_keeps_bf16_state():
+    torch.manual_seed(0)
+    model = Toy().to(torch.bfloat16)
+    groups = scale_param_groups(model)
+    opt = SCALE(groups, lr=1e-2, weight_decay=0.1)
+    params, roles, state = list(model.parameters()), roles_of(groups), {}
+    for step in range(3):
+        random_grads(model, step)
+        expected = reference_step(params, roles, state, 1e-2, 0.1, lr0=1e-2, adam_lr=1e-2)
+        opt.step()
+        for p, e in zip(params, expected):
+            assert p.dtype == torch.bfloat16
+            # one rounding to bf16 per step (the reference keeps fp64 state, so allow a couple of bf16 ulps)
+            torch.testing.assert_close(p.detach().double(), e, rtol=2e-2, atol=1e-3)
+    for p in params:
+        for t in opt.state[p].values():
+            assert not torch.is_tensor(t) or t.dtype == torch.bfloat16
+
+
+def test_bf16_update_rounds_once_from_fp32():
+    p = nn.Parameter(torch.randn(64, 32).bfloat16())
+    p.grad = torch.randn(64, 32).bfloat16()
+    g = p.grad.float()
+    expected = (p.float() * (1 - 1e-3 * 0.1) - 1e-3 * g / g.square().mean(1, keepdim=True).sqrt()).bfloat16()
+    SCALE([{"params": [p], "role": "matrix"}], lr=1e-3, weight_decay=0.1).step()
+    assert (p.detach().float() - expected.float()).abs().max() <= 2 ** -8 * expected.float().abs().max()
+
+
+def test_rms_is_clamped_at_1e_minus_8():
+    p = nn.Parameter(torch.zeros(3, 4))
+    p.grad = torch.tensor([[0.0] * 4, [1e-10] * 4, [1e-7, -1e-7, 1e-7, -1e-7]])
+    SCALE([{"params": [p], "role": "matrix"}], lr=1.0, momentum=0.0).step()
+    # row 0: zero stays zero; row 1: rms 1e-10 < 1e-8 so u = g / 1e-8; row 2: rms 1e-7, u = sign(g)
+    torch.testing.assert_close(p.detach(), -torch.tensor([[0.0] * 4, [0.01] * 4, [1.0, -1.0, 1.0, -1.0]]))
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager_and_does_not_recompile_on_lr_change():
+    torch._dynamo.reset()
+    cfg = LLaMAConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=64, vocab_size=100)
+    models = [LLaMA(cfg) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [SCALE(scale_param_groups(m), lr=1e-2, weight_decay=0.1, compile=c) for m, c in zip(models, (False, True))]
+    for step in range(4):
+        for m in models:
+            random_grads(m, step)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 / (step + 1)
+        opts[0].step()
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            opts[1].step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_state_holds_exactly_output_momentum_and_vector_moments():
+    cfg = LLaMAConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=64, vocab_size=100)
+    model = LLaMA(cfg)
+    opt = SCALE(scale_param_groups(model), lr=1e-3)
+    random_grads(model, 0)
+    opt.step()
+    for name, p in model.named_parameters():
+        keys = set(opt.state[p]) if p in opt.state else set()
+        expected = {"lm_head.weight": {"momentum_buffer"}}.get(name, {"step", "exp_avg", "exp_avg_sq"} if p.ndim == 1 else set())
+        assert keys == expected, name
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    n_vector = sum(p.numel() for p in model.parameters() if p.ndim == 1)
+    assert state_bytes == 4 * (100 * 32 + 2 * n_vector)
+    assert not SCALE(scale_param_groups(model), lr=1e-3, momentum=0.0).state  # momentum=0: nothing before a step
+
+
+def test_momentum_zero_is_column_normalized_sgd_with_no_matrix_state():
+    model = Toy()
+    opt = SCALE(scale_param_groups(model), lr=0.1, momentum=0.0)
+    random_grads(model, 0)
+    before, g = model.lm_head.weight.detach().clone(), model.lm_head.weight.grad.clone()
+    opt.step()
+    torch.testing.assert_close(model.lm_head.weight.detach(), before - 0.1 * g / g.square().mean(1, keepdim=True).sqrt())
+    assert all(p.ndim == 1 for p in opt.state)
+
+
+def test_state_dict_round_trip_continues_bit_identically():
+    torch.manual_seed(0)
+    a, b = Toy(), Toy()
+    opt_a = SCALE(scale_param_groups(a), lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        random_grads(a, step)
+        opt_a.step()
+    buf = io.BytesIO()  # through bytes as a checkpoint would go (and weights_only=True must read it)
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    b.load_state_dict(ckpt["model"])
+    opt_b = SCALE(scale_param_groups(b), lr=5.0)  # hyperparameters come back from the state dict
+    opt_b.load_state_dict(ckpt["opt"])
+    for step in range(3, 6):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            random_grads(model, step)
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_roles_of_project_llama():
+    model = LLaMA(LLaMAConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=64, vocab_size=100))
+    roles = {name: roles_of(scale_param_groups(model))[id(p)] for name, p in model.named_parameters()}
+    assert roles.pop("tok_embeddings.weight") == "embedding" and roles.pop("lm_head.weight") == "output"
+    assert {n for n, r in roles.items() if r == "vector"} == {n for n in roles if n.endswith("norm.weight")}
+    assert {n for n, r in roles.items() if r == "matrix"} == {n for n in roles if n.endswith("proj.weight")}
+
+
+def test_roles_of_tied_toy_and_explicit_output():
+    tied = Toy(tied=True)
+    groups = scale_param_groups(tied)
+    roles = roles_of(groups)
+    assert roles[id(tied.emb.weight)] == "output"
+    assert sum(len(g["params"]) for g in groups) == len(list(tied.parameters()))
+    assert [g["role"] for g in groups] == ["matrix", "output", "vector"]
+    seq = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+    with pytest.raises(ValueError, match=r"^cannot find the output layer: .* pass output=<the output module>$"):
+        scale_param_groups(seq)
+    roles = roles_of(scale_param_groups(seq, output=seq[1]))
+    assert [roles[id(p)] for p in seq.parameters()] == ["embedding", "output", "vector"]
+
+
+def test_groups_without_role_split_by_ndim():
+    model = Toy()
+    opt = SCALE(model.parameters(), lr=1e-3)
+    assert [(g["role"], len(g["params"])) for g in opt.param_groups] == [("vector", 4), ("matrix", 4)]
+
+
+def test_closure_none_grads_zero_grad_and_lr_scheduler():
+    model = Toy()
+    opt = SCALE(scale_param_groups(model), lr=1e-2, adam_lr=0.02)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    x = torch.randint(0, 50, (3, 7))
+    frozen = model.fc.weight.detach().clone()
+    model.fc.weight.requires_grad_(False)  # grad stays None: skipped, no state
+    gain = model.norm.weight.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        h = model.conv(model.emb(x).transpose(1, 2)).transpose(1, 2)
+        loss = model.lm_head(model.norm(nn.functional.pad(h, (0, 8)))).logsumexp(-1).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and torch.equal(model.fc.weight, frozen) and model.fc.weight not in opt.state
+    # first AdamW step: adam_lr * lr_t / lr_0 (= 0.02 * 0.5) times g / (|g| + eps / sqrt(1 - beta2))
+    g = model.norm.weight.grad
+    torch.testing.assert_close(model.norm.weight.detach(), gain - 0.01 * g / (g.abs() + 1e-8 / math.sqrt(1e-3)))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    sched.step()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr=-1.0), "lr (-1.0) and weight_decay (0.0) must be >= 0"),
+    (dict(weight_decay=-0.1), "lr (0.001) and weight_decay (-0.1) must be >= 0"),
+    (dict(momentum=1.0), "momentum must be in [0, 1), got 1.0"),
+    (dict(momentum=-0.5), "momentum must be in [0, 1), got -0.5"),
+    (dict(momentum_roles=("vector",)),
+     "momentum_roles ('vector',) must be among ('matrix', 'embedding', 'output') (vector params always use AdamW)"),
+])
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        SCALE(scale_param_groups(Toy()), **{"lr": 1e-3, **kwargs})
+    assert str(e.value) == message
+
+
+def test_bad_roles_and_gradients():
+    p = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"^unknown role 'hidden': use one of matrix, embedding, output, vector$"):
+        SCALE([{"params": [p], "role": "hidden"}])
+    with pytest.raises(ValueError, match=r"^role 'matrix' needs tensors of 2\+ dims; give 1-D params role 'vector'$"):
+        SCALE([{"params": [nn.Parameter(torch.randn(4))], "role": "matrix"}])
+    emb = nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match=r"^SCALE does not support sparse or complex gradients"):
+        SCALE([{"params": [emb.weight], "role": "embedding"}]).step()
+    c = nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    c.grad = torch.randn(4, 4, dtype=torch.complex64)
+    with pytest.raises(ValueError, match=r"^SCALE does not support sparse or complex gradients"):
+        SCALE([c]).step()
