@@ -1,0 +1,241 @@
+"""Benchmarks, each printing ratios against a peer measured in the same run.
+
+python bench.py optimizer [--dtype float32 bfloat16] [--device cpu|cuda]   SCALE step vs fused AdamW, state bytes
+python bench.py model [--cuda]       training tokens/s of model.py vs transformers.LlamaForCausalLM; MFU on CUDA
+python bench.py data [--docs 40000]  prepare_c4.py tokens/s for 1 and 2 workers vs a plain loop; loader latency
+"""
+import argparse
+import gzip
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from unittest import mock
+
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+import prepare_c4
+from conftest import make_c4_source
+from data import TrainBatches
+from model import LLaMA, LLaMAConfig
+from scale import SCALE, scale_param_groups
+
+LLAMA_60M = dict(dim=512, n_layers=8, n_heads=8, ffn_dim=1376, vocab_size=32000)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def median_ms(times):
+    return 1e3 * statistics.median(times)
+
+
+# -----------------------------------------------------------------------------
+# optimizer: one step of each optimizer on the same model shapes, interleaved so drift hits all alike
+
+def state_bytes(opt):
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def bench_optimizer(args):
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"{device.type}, {torch.get_num_threads()} threads, LLaMA-60M shapes {LLAMA_60M}, "
+          f"median of {args.steps} steps after {args.warmup} warmup steps")
+    for dtype in args.dtype:
+        torch.manual_seed(0)
+        model = LLaMA(LLaMAConfig(**LLAMA_60M)).to(device, getattr(torch, dtype))
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opts = {"AdamW(fused=True)": torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+                "SCALE eager": SCALE(scale_param_groups(model), lr=1e-3),
+                "SCALE compiled": SCALE(scale_param_groups(model), lr=1e-3, compile=True)}
+        times = {name: [] for name in opts}
+        for i in range(args.warmup + args.steps):
+            for name, opt in opts.items():
+                for group in opt.param_groups:
+                    group["lr"] = 1e-3 * (1 - i / 1000)  # a scheduler's changing lr must not recompile
+                sync()
+                t0 = time.perf_counter()
+                opt.step()
+                sync()
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+        base_ms, base_bytes = median_ms(times["AdamW(fused=True)"]), state_bytes(opts["AdamW(fused=True)"])
+        print(f"{dtype}: {sum(p.numel() for p in model.parameters()):,} params")
+        for name, opt in opts.items():
+            ms, nbytes = median_ms(times[name]), state_bytes(opt)
+            print(f"  {name:18s} step {ms:8.2f} ms = {ms / base_ms:5.2f}x AdamW   "
+                  f"state {nbytes / 1e6:7.1f} MB = {nbytes / base_bytes:6.1%} of AdamW")
+        del model, opts
+
+
+# -----------------------------------------------------------------------------
+# model: forward + backward + optimizer step, ours against HF's LlamaForCausalLM
+
+def time_train_steps(forward, opt, x, y, warmup, steps, sync=lambda: None):
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        forward(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build_hf(cfg):
+    import transformers
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=False, attn_implementation="sdpa"))
+
+
+def bench_model_cpu(args):
+    torch.manual_seed(0)
+    cfg = LLaMAConfig(dim=256, n_layers=4, n_heads=4, ffn_dim=688, vocab_size=32000, max_seq_len=args.seq_len)
+    x, y = (torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len)) for _ in range(2))
+    print(f"CPU, {torch.get_num_threads()} threads, d={cfg.dim} layers={cfg.n_layers} vocab={cfg.vocab_size} "
+          f"batch {args.batch_size}x{args.seq_len}, median of {args.steps} steps after {args.warmup} warmup")
+    results = {}
+    try:
+        hf = build_hf(cfg)
+        hf_loss = lambda x, y: F.cross_entropy(hf(input_ids=x).logits.float().view(-1, cfg.vocab_size), y.view(-1))
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, fused=True)
+        results["HF LlamaForCausalLM (sdpa) + fused AdamW"] = time_train_steps(hf_loss, opt, x, y, args.warmup,
+                                                                                args.steps)
+        del hf, opt
+    except ImportError:
+        print("note: transformers is not installed (pip install transformers): no HF baseline")
+    for compiled in (False, True):
+        model = LLaMA(cfg)
+        opt = SCALE(scale_param_groups(model), lr=1e-3, compile=compiled)
+        fwd = torch.compile(model, fullgraph=True) if compiled else model
+        name = f"ours {'compiled' if compiled else 'eager'} + SCALE{' compiled' if compiled else ''}"
+        results[name] = time_train_steps(lambda x, y: fwd(x, y)[1], opt, x, y, args.warmup + 2 * compiled, args.steps)
+    base = next((t for k, t in results.items() if k.startswith("HF")), None)
+    for name, t in results.items():
+        print(f"{name:50s} {args.batch_size * args.seq_len / t:9.0f} tokens/s" + (f"  {base / t:.2f}x HF" if base else ""))
+
+
+def bench_model_cuda(args):
+    name = torch.cuda.get_device_name()
+    peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in name), None)
+    print(f"{name}, bf16 params, torch.compile model and SCALE step, peak {peak or 'unknown'} FLOP/s for MFU")
+    for label, shape, batch in (("llama_60m", LLAMA_60M, 256), ("llama_350m", dict(
+            dim=1024, n_layers=24, n_heads=16, ffn_dim=2736, vocab_size=32000), 128)):
+        torch.manual_seed(0)
+        model = LLaMA(LLaMAConfig(**shape, max_seq_len=256)).cuda().to(torch.bfloat16)
+        for opt_name, opt in (("SCALE", SCALE(scale_param_groups(model), lr=1e-3, compile=True)),
+                              ("AdamW", torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True))):
+            fwd = torch.compile(model, fullgraph=True)
+            x, y = (torch.randint(0, 32000, (batch, 256), device="cuda") for _ in range(2))
+            torch.cuda.reset_peak_memory_stats()
+            t = time_train_steps(lambda x, y: fwd(x, y)[1], opt, x, y, 5, args.steps, torch.cuda.synchronize)
+            tps = batch * 256 / t
+            mfu = f"MFU {tps * model.flops_per_token(256) / peak:6.1%}" if peak else "MFU n/a"
+            print(f"{label:11s} {opt_name:6s} batch {batch}x256: {tps:10.0f} tokens/s  {mfu}  "
+                  f"peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+            del opt, fwd
+            model.zero_grad(set_to_none=True)
+        del model
+
+
+# -----------------------------------------------------------------------------
+# data: preparation throughput and loader latency
+
+def pick_tokenizer(name):
+    """'auto' -> gpt2 if tiktoken has it cached (never downloads), else byte."""
+    if name != "auto":
+        return name
+    with mock.patch("tiktoken.load.read_file", side_effect=OSError("no downloads in the benchmark")):
+        try:
+            tiktoken.get_encoding("gpt2")
+            return "gpt2"
+        except Exception:
+            return "byte"
+
+
+def plain_loop(files, tokenizer):
+    """The baseline: one process, read each json line, encode_ordinary, count tokens."""
+    enc, n = prepare_c4.get_encoding(tokenizer), 0
+    for path in files:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                n += 1 + len(enc.encode_ordinary(json.loads(line)["text"]))
+    return n
+
+
+def loader_latency(data_dir, batch_size, seq_len, n=200):
+    batches = TrainBatches(data_dir, seq_len, batch_size, batch_size)
+    batches.get(0, 0)  # builds the epoch permutation once
+    times = []
+    for step in range(1, n + 1):
+        t0 = time.perf_counter()
+        batches.get(step, 0)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), max(times)
+
+
+def bench_data(args):
+    tokenizer = pick_tokenizer(args.tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "c4")
+        make_c4_source(pathlib.Path(src), n_train=(args.docs,), n_val=args.docs // 10)
+        files = [os.path.join(src, f) for fs in prepare_c4.c4_files(1, 1).values() for f in fs]
+        print(f"tokenizer {tokenizer}, {args.docs} + {args.docs // 10} generated documents, {os.cpu_count()} cores")
+        t0 = time.perf_counter()
+        n_tokens = plain_loop(files, tokenizer)
+        t_plain = time.perf_counter() - t0
+        print(f"plain encode_ordinary loop  : {n_tokens:>10,} tokens {t_plain:6.2f} s {n_tokens / t_plain:>12,.0f} tokens/s")
+        for w in args.workers:
+            out = os.path.join(tmp, f"out{w}")
+            t0 = time.perf_counter()
+            meta = prepare_c4.main(["--out_dir", out, "--data_dir", src, "--tokenizer", tokenizer, "--workers", str(w)])
+            t = time.perf_counter() - t0
+            n = sum(s["tokens"] for s in meta["splits"].values())
+            assert n == n_tokens, (n, n_tokens)
+            print(f"prepare_c4.py --workers {w:<3}: {n:>10,} tokens {t:6.2f} s {n / t:>12,.0f} tokens/s "
+                  f"= {t_plain / t:.2f}x the plain loop")
+        med, worst = loader_latency(out, batch_size=8, seq_len=1024)
+        print(f"loader batch B=8 T=1024: median {med * 1e6:.0f} us, max {worst * 1e6:.0f} us (200 batches)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    o = sub.add_parser("optimizer", help="SCALE step time and state bytes vs fused AdamW")
+    o.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    o.add_argument("--warmup", type=int, default=3)
+    o.add_argument("--steps", type=int, default=20)
+    m = sub.add_parser("model", help="training tokens/s vs LlamaForCausalLM (CPU) or MFU (--cuda)")
+    m.add_argument("--cuda", action="store_true")
+    m.add_argument("--batch_size", type=int, default=8)
+    m.add_argument("--seq_len", type=int, default=256)
+    m.add_argument("--warmup", type=int, default=2)
+    m.add_argument("--steps", type=int, default=5)
+    d = sub.add_parser("data", help="prepare_c4.py tokens/s and loader latency")
+    d.add_argument("--docs", type=int, default=40000, help="documents in the generated train file")
+    d.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    d.add_argument("--tokenizer", default="auto")
+    args = p.parse_args(argv)
+    if args.what == "optimizer":
+        bench_optimizer(args)
+    elif args.what == "model" and args.cuda and not torch.cuda.is_available():
+        sys.exit("error: --cuda needs a CUDA GPU and none is available")
+    elif args.what == "model":
+        bench_model_cuda(args) if args.cuda else bench_model_cpu(args)
+    else:
+        bench_data(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
