@@ -7,15 +7,10 @@ n_layers = 4
 n_heads = 4
 ffn_dim = 344
 
-optimizer = "scale"
 lr = 3e-3
 adam_lr = 0.02
-momentum = 0.9
-weight_decay = 0.0
 max_steps = 300
 warmup_steps = 30
-min_lr_ratio = 0.1
-grad_clip = 0.0  # 0 disables clipping
 
 seq_len = 128
 total_batch_size = 16
@@ -30,5 +25,3 @@ data_dir = "data/c4_byte"
 out_dir = "out/tiny"
 dtype = "float32"
 compile = False
-seed = 0
-resume = False

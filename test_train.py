@@ -1,0 +1,310 @@
+"""Tests for train.py: configuration, schedule, each optimizer and dtype, exact resume after kill -9,
+2-process DDP against 1 process, divergence and bad-input errors. CPU, offline, on the byte_data fixture."""
+import importlib.util
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import compare
+import train
+from model import LLaMA, LLaMAConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(dim=32, n_layers=2, n_heads=2, ffn_dim=64, seq_len=32, total_batch_size=8, batch_size=4, max_steps=30,
+            warmup_steps=3, lr=1e-2, adam_lr=0.02, eval_every=10, eval_tokens=2048, log_every=1, ckpt_every=10,
+            dtype="float32", compile=False)
+LOG_257 = math.log(257)
+
+
+def tiny_args(data, out, **overrides):
+    cfg = {**TINY, "data_dir": data, "out_dir": out, **overrides}
+    return [f"--{k}={v}" for k, v in cfg.items()]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def start_record(records):
+    (start,) = [r for r in records if r["event"] == "start"]
+    return start
+
+
+def events(records, event, key):
+    return [r[key] for r in records if r["event"] == event]
+
+
+def run_subprocess(args, **kw):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=HERE, capture_output=True, text=True, **kw)
+
+
+def load_ckpt(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+
+
+def identical(a, b):
+    """Equal nested checkpoint contents, tensors bit for bit."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def tiny_model():
+    with torch.device("meta"):
+        shape = {k: TINY[k] for k in ("dim", "n_layers", "n_heads", "ffn_dim")}
+        return LLaMA(LLaMAConfig(**shape, vocab_size=257))
+
+
+@pytest.fixture(scope="module")
+def scale_run(byte_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("scale_run"))
+    train.main(tiny_args(byte_data, out))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# configuration
+
+def test_defaults_are_the_papers_recipe():
+    d = train.DEFAULTS
+    assert (d["seq_len"], d["total_batch_size"], d["momentum"], d["weight_decay"]) == (256, 512, 0.9, 0.0)
+    assert (d["min_lr_ratio"], d["grad_clip"], d["dtype"], d["compile"]) == (0.1, 0.0, "bfloat16", True)
+    assert (d["optimizer"], d["momentum_roles"], d["adam_lr"]) == ("scale", "output", 0.0)
+
+
+def test_config_file_then_overrides(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("lr = 3e-3\nmax_steps = 7\noptimizer = 'adamw'\n")
+    cfg = train.load_config([str(path), "--max_steps=9", "--lr=1", "--compile=False", "--out_dir=out/1e3"])
+    assert (cfg.lr, cfg.max_steps, cfg.optimizer, cfg.compile, cfg.out_dir) == (1.0, 9, "adamw", False, "out/1e3")
+    assert type(cfg.lr) is float and cfg.seq_len == 256 and set(vars(cfg)) == set(train.DEFAULTS)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--learning_rate=1e-3"], "unknown config key 'learning_rate' in --learning_rate=1e-3"),
+    (["--warmup=10"], "unknown config key 'warmup' in --warmup=10; did you mean warmup_steps?"),
+    (["--max_steps=1e4"], "max_steps must be of type int, got 10000.0 in --max_steps=1e4"),
+    (["--compile=yes"], "compile must be of type bool, got 'yes' in --compile=yes"),
+    (["--optimizer=adam"], "optimizer must be one of scale, adamw, muon, sgd, got 'adam' in --optimizer=adam; "
+                           "did you mean adamw?"),
+    (["--eval_every=0"], "eval_every must be positive, got 0"),
+    (["--lr", "1e-3"], "options are written --key=value, got '--lr'"),
+    (["no/such/config.py"], "cannot read config file no/such/config.py: No such file or directory"),
+])
+def test_bad_config(argv, message):
+    with pytest.raises(ValueError) as e:
+        train.load_config(argv)
+    assert str(e.value).startswith(message)
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("n_layer = 4\n")
+    with pytest.raises(ValueError, match=f"unknown config key 'n_layer' in {path}; did you mean n_layers"):
+        train.load_config([str(path)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,message", [
+    (dict(warmpu_steps=5), "error: unknown config key 'warmpu_steps' in --warmpu_steps=5; did you mean warmup_steps"),
+    (dict(lr="fast"), "error: lr must be of type float, got 'fast' in --lr=fast"),
+    (dict(total_batch_size=10), "error: total_batch_size 10 is not divisible by batch_size*world_size = 4*1"),
+    (dict(data_dir="no/such/dir"), "error: data dir no/such/dir does not exist"),
+])
+def test_bad_input_is_one_line(byte_data, tmp_path, overrides, message):
+    p = run_subprocess(tiny_args(byte_data, str(tmp_path), **overrides))
+    assert p.returncode == 1 and p.stderr.startswith(message), p.stderr
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# schedule
+
+def test_lr_schedule():
+    f = train.lr_factor
+    assert [f(s, 10, 100, 0.1) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # warmup: (step+1)/warmup_steps
+    assert f(10, 10, 100, 0.1) == 1.0  # peak
+    assert f(55, 10, 100, 0.1) == pytest.approx(0.55)  # half way down the cosine
+    assert f(100, 10, 100, 0.1) == pytest.approx(0.1) and f(99, 10, 100, 0.1) > 0.1  # ends at min_lr_ratio
+    assert f(0, 0, 100, 0.1) == 1.0  # no warmup
+
+
+def test_schedule_reaches_every_group(scale_run):
+    lrs = events(read_log(scale_run), "train", "lr")
+    expected = [TINY["lr"] * train.lr_factor(s, TINY["warmup_steps"], TINY["max_steps"], 0.1) for s in range(30)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    groups = load_ckpt(scale_run)["optimizers"][0]["param_groups"]
+    assert {g["role"] for g in groups} == {"matrix", "embedding", "output", "vector"}
+    assert all(g["lr"] == pytest.approx(expected[-1]) and g["initial_lr"] == TINY["lr"] for g in groups)
+
+
+# -----------------------------------------------------------------------------
+# training runs
+
+def test_tiny_run_learns_and_logs(scale_run):
+    records = read_log(scale_run)
+    start = start_record(records)
+    assert start["config"]["dim"] == 32 and start["params"] == tiny_model().num_params()
+    assert events(records, "train", "step") == list(range(1, 31))
+    assert events(records, "train", "tokens")[-1] == 30 * 8 * 32
+    assert all(r["peak_mem_bytes"] is None and r["mfu"] is None and r["tokens_per_s"] > 0
+               for r in records if r["event"] == "train")
+    assert events(records, "eval", "step") == [0, 10, 20, 30]
+    val = events(records, "eval", "val_loss")
+    assert abs(val[0] - LOG_257) < 0.05 and val[-1] < 0.5 * val[0]
+    assert events(records, "eval", "val_ppl")[-1] == pytest.approx(math.exp(val[-1]))
+    ckpt = load_ckpt(scale_run)
+    assert ckpt["step"] == 30 and ckpt["vocab_size"] == 257 and ckpt["config"]["max_steps"] == 30
+    assert not os.path.exists(os.path.join(scale_run, "ckpt.pt.tmp"))
+    # exactly what the paper counts: momentum on the output layer, AdamW's two moments on 1-D params
+    assert start["opt_state_bytes"] == 4 * compare.state_numel(tiny_model(), "scale")
+    assert start["adamw_state_bytes"] == 8 * tiny_model().num_params()
+    summary = compare.summarize("scale", compare.read_log(os.path.join(scale_run, "log.jsonl")))
+    assert summary["val_loss"] == val[-1] and summary["state_bytes"] == start["opt_state_bytes"]
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adamw", 1e-2), ("muon", 1e-2), ("sgd", 0.5)])
+def test_each_optimizer_learns(byte_data, tmp_path, optimizer, lr):
+    train.main(tiny_args(byte_data, str(tmp_path), optimizer=optimizer, lr=lr, max_steps=20))
+    records = read_log(tmp_path)
+    val = events(records, "eval", "val_loss")
+    assert val[-1] < val[0] - 1.0, val
+    # the measured state is exactly what the paper counts: AdamW 2 moments, SGD 1, Muon 1 on hidden matrices
+    assert start_record(records)["opt_state_bytes"] == 4 * compare.state_numel(tiny_model(), optimizer)
+    assert len(load_ckpt(tmp_path)["optimizers"]) == (2 if optimizer == "muon" else 1)
+
+
+@pytest.mark.parametrize("adam_lr", [0.05, 0.0])
+def test_scale_options_reach_the_optimizer(byte_data, tmp_path, adam_lr):
+    train.main(tiny_args(byte_data, str(tmp_path), max_steps=1, momentum=0.8, weight_decay=0.1, adam_lr=adam_lr,
+                         momentum_roles="output,matrix,embedding"))
+    for group in load_ckpt(tmp_path)["optimizers"][0]["param_groups"]:
+        assert (group["momentum"], group["weight_decay"]) == (0.8, 0.1)
+        assert group["adam_lr"] == (adam_lr or TINY["lr"])  # 0 means lr
+        assert group["momentum_roles"] == ("output", "matrix", "embedding")
+    model = tiny_model()
+    matrices = sum(p.numel() for p in model.parameters() if p.ndim == 2)
+    vectors = sum(p.numel() for p in model.parameters() if p.ndim == 1)
+    assert start_record(read_log(tmp_path))["opt_state_bytes"] == 4 * (matrices + 2 * vectors)
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [("bfloat16", torch.bfloat16), ("mixed", torch.float32)])
+def test_low_precision(byte_data, tmp_path, dtype, param_dtype):
+    train.main(tiny_args(byte_data, str(tmp_path), dtype=dtype, max_steps=10))
+    val = events(read_log(tmp_path), "eval", "val_loss")
+    assert val[-1] < val[0] - 1.0, val
+    ckpt = load_ckpt(tmp_path)
+    assert all(t.dtype == param_dtype for t in ckpt["model"].values())
+    state = [t for s in ckpt["optimizers"][0]["state"].values() for t in s.values() if torch.is_tensor(t)]
+    assert state and all(t.dtype == param_dtype for t in state)
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(byte_data, tmp_path):
+    argv = dict(max_steps=3, eval_every=3, eval_tokens=256)
+    train.main(tiny_args(byte_data, str(tmp_path / "eager"), **argv))
+    train.main(tiny_args(byte_data, str(tmp_path / "compiled"), compile=True, **argv))
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    assert events(compiled, "train", "loss") == pytest.approx(events(eager, "train", "loss"), abs=1e-4)
+    assert events(compiled, "eval", "val_loss") == pytest.approx(events(eager, "eval", "val_loss"), abs=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="checks the message printed without wandb")
+def test_wandb_missing_is_a_message(byte_data, tmp_path, capsys):
+    train.main(tiny_args(byte_data, str(tmp_path), max_steps=1, wandb_project="scale"))
+    assert "wandb_project is set but wandb is not installed" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# divergence, checkpoints and resume
+
+@pytest.mark.parametrize("ckpt_every", [2, 5])  # the weights overflow at step 12, the loss at step 13
+def test_divergence_stops_and_keeps_last_good_checkpoint(byte_data, tmp_path, ckpt_every):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(byte_data, str(tmp_path), optimizer="sgd", lr=2.0, ckpt_every=ckpt_every))
+    message = str(e.value.code)
+    match = re.fullmatch(r"error: (loss is (nan|inf)|the weights are not finite) at step (\d+): training diverged, "
+                         r"stopped; (.*) \(step (\d+)\) is the last good checkpoint. Lower lr or set grad_clip",
+                         message)
+    assert match, message
+    bad_step, path, step = int(match[3]), match[4], int(match[5])
+    ckpt = load_ckpt(tmp_path)
+    assert path == f"{tmp_path}/ckpt.pt" and ckpt["step"] == step and bad_step - ckpt_every - 1 < step < bad_step
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert not os.path.exists(tmp_path / "ckpt.pt.tmp")
+
+
+def test_resume_refuses_another_model_or_vocab(scale_run, byte_data, tmp_path):
+    def resume_error(out, **overrides):
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_args(byte_data, out, resume=True, max_steps=40, **overrides))
+        return e.value.code
+
+    message = f"error: {scale_run}/ckpt.pt was saved with dim=32, the config says 64; resume with the same dim or"
+    assert resume_error(scale_run, dim=64, n_heads=4) == message + " set resume=False"
+    assert resume_error(scale_run, batch_size=3).startswith(
+        "error: total_batch_size 8 is not divisible by batch_size*world_size = 3*1")
+    ckpt = load_ckpt(scale_run)
+    ckpt["vocab_size"] = 50257
+    os.makedirs(tmp_path / "gpt2")
+    torch.save(ckpt, tmp_path / "gpt2" / "ckpt.pt")
+    assert resume_error(str(tmp_path / "gpt2")).startswith(
+        f"error: {tmp_path}/gpt2/ckpt.pt has a vocabulary of 50257 but {byte_data} has 257")
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_exact(byte_data, tmp_path):
+    """kill -9 mid-run, resume=True: the same final weights and losses, bit for bit, as an uninterrupted run."""
+    args = dict(dim=64, n_heads=4, ffn_dim=128, seq_len=64, max_steps=60, resume=True)
+    whole = run_subprocess(tiny_args(byte_data, str(tmp_path / "whole"), **args))
+    assert whole.returncode == 0, whole.stderr
+    killed = subprocess.Popen([sys.executable, "train.py", *tiny_args(byte_data, str(tmp_path / "killed"), **args)],
+                              cwd=HERE, stdout=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "log.jsonl"
+    while killed.poll() is None and not (log.exists() and '"step": 13,' in log.read_text()):
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert load_ckpt(tmp_path / "killed")["step"] == 10
+    resumed = run_subprocess(tiny_args(byte_data, str(tmp_path / "killed"), **args))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume=True but there is no" in whole.stdout
+    assert f"resuming from {tmp_path}/killed/ckpt.pt at step 10" in resumed.stdout
+    a, b = load_ckpt(tmp_path / "whole"), load_ckpt(tmp_path / "killed")
+    assert a["step"] == b["step"] == 60
+    assert identical(a["model"], b["model"])
+    assert identical(a["optimizers"], b["optimizers"]) and identical(a["rng"], b["rng"])
+    whole_log, resumed_log = read_log(tmp_path / "whole"), read_log(tmp_path / "killed")
+    for key, event in (("loss", "train"), ("step", "train"), ("val_loss", "eval"), ("step", "eval")):
+        assert events(resumed_log, event, key) == events(whole_log, event, key)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(byte_data, tmp_path):
+    """2 gloo ranks with batch_size 4 = 1 process with 2 micro-steps of 4: the same losses to float tolerance."""
+    args = dict(max_steps=12, eval_every=6, ckpt_every=12)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *tiny_args(byte_data, str(tmp_path / "ddp"), **args)]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "total_batch_size 8 = grad_accum 1 x batch_size 4 x world_size 2" in p.stdout, p.stdout
+    assert p.stdout.count("config:") == 1, p.stdout  # only rank 0 prints and logs
+    train.main(tiny_args(byte_data, str(tmp_path / "one"), **args))
+    ddp, one = read_log(tmp_path / "ddp"), read_log(tmp_path / "one")
+    assert events(ddp, "train", "loss") == pytest.approx(events(one, "train", "loss"), abs=1e-5)
+    assert events(ddp, "eval", "val_loss") == pytest.approx(events(one, "eval", "val_loss"), abs=1e-5)
+    a, b = load_ckpt(tmp_path / "ddp")["model"], load_ckpt(tmp_path / "one")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
