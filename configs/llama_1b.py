@@ -9,6 +9,6 @@ lr = 2e-4
 adam_lr = 1e-3
 max_steps = 100000
 warmup_steps = 10000  # 10%
-batch_size = 64  # per 80GB GPU; gradient accumulation makes up total_batch_size = 512
+batch_size = 64  # per 80GB GPU; 512 sequences a step on 1, 2, 4 or 8 GPUs, accumulating the rest
 
 out_dir = "out/llama_1b"

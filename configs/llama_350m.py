@@ -9,6 +9,6 @@ lr = 1e-3
 adam_lr = 0.02  # the paper's scripts leave adam_lr at its default 0.02 for 60M-350M; kept as is
 max_steps = 60000
 warmup_steps = 6000  # 10%
-batch_size = 128  # per 80GB GPU; gradient accumulation makes up total_batch_size = 512
+batch_size = 64  # per GPU; 512 sequences a step on 1, 2, 4 or 8 GPUs, accumulating the rest (raise it on fewer GPUs)
 
 out_dir = "out/llama_350m"

@@ -9,6 +9,6 @@ lr = 1e-4
 adam_lr = 1e-3
 max_steps = 150000
 warmup_steps = 15000  # 10%
-batch_size = 16  # per 80GB GPU; gradient accumulation makes up total_batch_size = 512
+batch_size = 16  # per 80GB GPU; 512 sequences a step on 1 to 32 GPUs, accumulating the rest
 
 out_dir = "out/llama_7b"
