@@ -96,15 +96,17 @@ def hub_chunks(split, files):
 
 def tokenize(tokenizer, chunk):
     """One work item -> (number of docs, tokens as np array). Raw json lines are parsed here."""
-    enc, (where, first, items), out = get_encoding(tokenizer), chunk, []
+    enc, (where, first, items) = get_encoding(tokenizer), chunk
+    eot, parts = np.array([enc.eot_token], dtype=np.uint32), [np.empty(0, dtype=np.uint32)]
     for k, item in enumerate(items):
         try:
-            out.append(enc.eot_token)
-            out += enc.encode_ordinary(item if first is None else json.loads(item)["text"])
+            text = item if first is None else json.loads(item)["text"]
+            # encode_ordinary's tokens, as an array straight from tiktoken (no list of Python ints)
+            parts += [eot, enc.encode_to_numpy(text, disallowed_special=())]
         except (ValueError, KeyError, TypeError):
             raise DataError(f"{where} line {first + k}: not a JSON object with a 'text' string; "
                             "fix or remove that file") from None
-    return len(items), np.array(out, dtype=token_dtype(enc.n_vocab))
+    return len(items), np.concatenate(parts).astype(token_dtype(enc.n_vocab))
 
 
 def tokenize_split(split, chunks, pool, args):

@@ -8,6 +8,8 @@ Every parameter has a role, and every role ends with p <- p * (1 - lr*wd) - lr *
 where rms(x, dim) = max(sqrt(mean(x^2 over dim)), 1e-8), tensors of more than 2 dims are viewed as
 (shape[0], -1), lr_t is the group's current lr and lr_0 the lr given to the constructor. Ablations:
 momentum=0 is column-normalized SGD; momentum_roles=("matrix", "embedding", "output") puts momentum everywhere.
+compile=True runs each role's update as one torch.compile'd graph (static shapes, lr passed as a tensor so a
+schedule never recompiles): the fast path. Eager is the same code, readable but several times slower.
 """
 import torch
 import torch.nn as nn
