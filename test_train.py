@@ -85,6 +85,12 @@ def test_defaults_are_the_papers_recipe():
     assert (d["optimizer"], d["momentum_roles"], d["adam_lr"]) == ("scale", "output", 0.0)
 
 
+def test_help_lists_every_key_with_its_default(capsys):
+    train.main(["configs/tiny.py", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(train.__doc__) and all(f"--{k}={v!r}\n" in out for k, v in train.DEFAULTS.items())
+
+
 def test_config_file_then_overrides(tmp_path):
     path = tmp_path / "c.py"
     path.write_text("lr = 3e-3\nmax_steps = 7\noptimizer = 'adamw'\n")

@@ -389,6 +389,9 @@ def train(cfg):
 
 
 def main(argv):
+    if {"-h", "--help"} & set(argv):
+        print(__doc__ + "\nkeys and defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
+        return
     try:
         train(load_config(argv))
     except (ValueError, FloatingPointError) as e:  # bad input (DataError is a ValueError) or divergence
