@@ -88,11 +88,12 @@ def memory_table(vocab_size=32000, optimizers=("scale", "adamw", "muon", "sgd"))
 
 def run_one(args, optimizer, lr):
     out_dir = os.path.join(args.out_dir, optimizer)
-    cmd = shlex.split(args.launcher) + ["train.py", args.config, f"--optimizer={optimizer}", f"--out_dir={out_dir}"]
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    cmd = shlex.split(args.launcher) + [train_py, args.config, f"--optimizer={optimizer}", f"--out_dir={out_dir}"]
     cmd += [f"--lr={lr}"] if lr else []
     cmd += args.train_args
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(cmd, check=True)  # from the caller's directory, like running train.py by hand
     return read_log(os.path.join(out_dir, "log.jsonl"))
 
 

@@ -35,3 +35,17 @@ def test_state_elements_per_optimizer():
     assert compare.state_numel(model, "sgd") == n
     with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
         compare.state_numel(model, "lion")
+
+
+@pytest.mark.slow
+def test_runs_each_optimizer_and_tabulates_its_log(byte_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths are the caller's, as for train.py
+    overrides = dict(dim=32, n_layers=1, n_heads=2, ffn_dim=64, seq_len=32, total_batch_size=4, batch_size=4,
+                     max_steps=4, warmup_steps=1, eval_every=2, eval_tokens=1024, log_every=1, data_dir=byte_data)
+    compare.main([os.path.join(HERE, "configs", "tiny.py"), "--optimizers", "scale,sgd", "--lr", "sgd=0.1",
+                  "--out_dir", "cmp", "--", *(f"--{k}={v}" for k, v in overrides.items())])
+    rows = (tmp_path / "cmp" / "results.md").read_text().splitlines()[2:]
+    assert [r.split(" | ")[:2] for r in rows] == [["| scale", "0.003"], ["| sgd", "0.1"]]
+    for row, optimizer in zip(rows, ("scale", "sgd")):
+        log = compare.read_log(tmp_path / "cmp" / optimizer / "log.jsonl")
+        assert row.split(" | ")[2] == f"{log['eval'][-1]['val_loss']:.4f}" and log["eval"][-1]["step"] == 4
