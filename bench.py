@@ -22,11 +22,10 @@ import torch.nn.functional as F
 import prepare_c4
 from conftest import make_c4_source
 from data import TrainBatches
-from model import LLaMA, LLaMAConfig
+from model import LLaMA, LLaMAConfig, peak_flops
 from scale import SCALE, scale_param_groups
 
 LLAMA_60M = dict(dim=512, n_layers=8, n_heads=8, ffn_dim=1376, vocab_size=32000)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 # -----------------------------------------------------------------------------
@@ -131,7 +130,7 @@ def bench_model_cpu(args):
 
 def bench_model_cuda(args):
     name = torch.cuda.get_device_name()
-    peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak = peak_flops(name)
     print(f"{name}, bf16 params, torch.compile model and SCALE step, peak {peak or 'unknown'} FLOP/s for MFU")
     for label, shape, batch in (("llama_60m", LLAMA_60M, 256), ("llama_350m", dict(
             dim=1024, n_layers=24, n_heads=16, ffn_dim=2736, vocab_size=32000), 128)):

@@ -13,6 +13,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# dense bf16 FLOP/s of known GPUs, for MFU; the first key found in the device name wins
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device_name):
+    """The GPU's dense bf16 FLOP/s, or None for a device not in the table (we report no MFU rather than guess)."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)
+
+
 @dataclass
 class LLaMAConfig:
     dim: int = 512

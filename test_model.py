@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from model import LLaMA, LLaMAConfig
+from model import LLaMA, LLaMAConfig, peak_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "ffn_dim")
@@ -188,3 +188,8 @@ def test_same_as_hf_llama(attn):
     hf_shift = hf(input_ids=idx, labels=idx).loss
     _, our_shift = ours(idx[:, :-1], idx[:, 1:])
     torch.testing.assert_close(our_shift, hf_shift, atol=1e-5, rtol=1e-5)
+
+
+def test_peak_flops_table_first_match_and_unknown():
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops("Tesla T4") is None

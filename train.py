@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import TrainBatches, val_batches, write_atomic
-from model import LLaMA, LLaMAConfig
+from model import LLaMA, LLaMAConfig, peak_flops
 from scale import SCALE, scale_param_groups
 
 # -----------------------------------------------------------------------------
@@ -58,7 +58,6 @@ CHOICES = {"optimizer": ("scale", "adamw", "muon", "sgd"), "dtype": ("float32", 
 POSITIVE = ("max_steps", "seq_len", "total_batch_size", "batch_size", "eval_every", "eval_tokens", "log_every",
             "ckpt_every")
 SHAPE = ("dim", "n_layers", "n_heads", "ffn_dim")
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, first match
 
 
 def did_you_mean(word, options):
@@ -288,12 +287,6 @@ def evaluate(model, cfg, rank, world_size, device, autocast):
     return loss.item(), loss.exp().item()
 
 
-def peak_flops(device):
-    """The GPU's dense bf16 FLOP/s, None on CPU or an unknown GPU."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-
-
 def diverged(what, step, saved, ckpt_path):
     kept = "no checkpoint was written" if saved is None else f"{ckpt_path} (step {saved}) is the last good checkpoint"
     return FloatingPointError(f"{what} at step {step}: training diverged, stopped; {kept}. Lower lr or set grad_clip")
@@ -336,7 +329,8 @@ def train(cfg):
     if world_size > 1:
         train_model = DDP(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
     tokens_per_step = cfg.total_batch_size * cfg.seq_len
-    flops_per_token, peak = model.flops_per_token(cfg.seq_len), peak_flops(device)
+    flops_per_token = model.flops_per_token(cfg.seq_len)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     step, saved = start_step, start_step if resumed else None
     while True:
         done = step >= cfg.max_steps
