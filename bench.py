@@ -79,17 +79,23 @@ def bench_optimizer(args):
 # -----------------------------------------------------------------------------
 # model: forward + backward + optimizer step, ours against HF's LlamaForCausalLM
 
-def time_train_steps(forward, opt, x, y, warmup, steps, sync=lambda: None):
-    times = []
+def time_train_steps(runs, x, y, warmup, steps, sync=lambda: None):
+    """Median seconds per training step of each run {name: (loss_fn, opt)}, stepped in turn so drift hits all alike."""
+    times = {name: [] for name in runs}
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        forward(x, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, (loss_fn, opt) in runs.items():
+            t0 = time.perf_counter()
+            loss_fn(x, y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def loss_of(model):
+    return lambda x, y: model(x, y)[1]
 
 
 def build_hf(cfg):
@@ -107,22 +113,20 @@ def bench_model_cpu(args):
     x, y = (torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len)) for _ in range(2))
     print(f"CPU, {torch.get_num_threads()} threads, d={cfg.dim} layers={cfg.n_layers} vocab={cfg.vocab_size} "
           f"batch {args.batch_size}x{args.seq_len}, median of {args.steps} steps after {args.warmup} warmup")
-    results = {}
+    runs = {}
     try:
         hf = build_hf(cfg)
         hf_loss = lambda x, y: F.cross_entropy(hf(input_ids=x).logits.float().view(-1, cfg.vocab_size), y.view(-1))
-        opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, fused=True)
-        results["HF LlamaForCausalLM (sdpa) + fused AdamW"] = time_train_steps(hf_loss, opt, x, y, args.warmup,
-                                                                                args.steps)
-        del hf, opt
+        runs["HF LlamaForCausalLM (sdpa) + fused AdamW"] = hf_loss, torch.optim.AdamW(hf.parameters(), lr=1e-3,
+                                                                                      fused=True)
     except ImportError:
         print("note: transformers is not installed (pip install transformers): no HF baseline")
     for compiled in (False, True):
         model = LLaMA(cfg)
-        opt = SCALE(scale_param_groups(model), lr=1e-3, compile=compiled)
         fwd = torch.compile(model, fullgraph=True) if compiled else model
         name = f"ours {'compiled' if compiled else 'eager'} + SCALE{' compiled' if compiled else ''}"
-        results[name] = time_train_steps(lambda x, y: fwd(x, y)[1], opt, x, y, args.warmup + 2 * compiled, args.steps)
+        runs[name] = loss_of(fwd), SCALE(scale_param_groups(model), lr=1e-3, compile=compiled)
+    results = time_train_steps(runs, x, y, args.warmup, args.steps)
     base = next((t for k, t in results.items() if k.startswith("HF")), None)
     for name, t in results.items():
         print(f"{name:50s} {args.batch_size * args.seq_len / t:9.0f} tokens/s" + (f"  {base / t:.2f}x HF" if base else ""))
@@ -141,7 +145,8 @@ def bench_model_cuda(args):
             fwd = torch.compile(model, fullgraph=True)
             x, y = (torch.randint(0, 32000, (batch, 256), device="cuda") for _ in range(2))
             torch.cuda.reset_peak_memory_stats()
-            t = time_train_steps(lambda x, y: fwd(x, y)[1], opt, x, y, 5, args.steps, torch.cuda.synchronize)
+            runs = {opt_name: (loss_of(fwd), opt)}
+            t = time_train_steps(runs, x, y, 5, args.steps, torch.cuda.synchronize)[opt_name]
             tps = batch * 256 / t
             mfu = f"MFU {tps * model.flops_per_token(256) / peak:6.1%}" if peak else "MFU n/a"
             print(f"{label:11s} {opt_name:6s} batch {batch}x256: {tps:10.0f} tokens/s  {mfu}  "
@@ -223,8 +228,8 @@ def main(argv=None):
     m.add_argument("--cuda", action="store_true")
     m.add_argument("--batch_size", type=int, default=8)
     m.add_argument("--seq_len", type=int, default=256)
-    m.add_argument("--warmup", type=int, default=2)
-    m.add_argument("--steps", type=int, default=5)
+    m.add_argument("--warmup", type=int, default=3)
+    m.add_argument("--steps", type=int, default=8)
     d = sub.add_parser("data", help="prepare_c4.py tokens/s and loader latency")
     d.add_argument("--docs", type=int, default=40000, help="documents in the generated train file")
     d.add_argument("--workers", type=int, nargs="+", default=[1, 2])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from model import LLaMA, LLaMAConfig, peak_flops
+from model import CrossEntropy, LLaMA, LLaMAConfig, peak_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "ffn_dim")
@@ -84,6 +84,25 @@ def test_forward_shapes_and_loss():
     assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.05
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_cross_entropy_value_and_gradient_equal_torch():
+    logits = torch.randn(37, 97, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 97, (37,))
+    loss = CrossEntropy.apply(logits, targets)
+    (grad,) = torch.autograd.grad(3.0 * loss, logits)
+    ref = F.cross_entropy(logits, targets)
+    (ref_grad,) = torch.autograd.grad(3.0 * ref, logits)
+    torch.testing.assert_close(loss, ref, rtol=1e-14, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_logits_are_detached_when_a_loss_is_computed():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 5))
+    assert model(idx)[0].requires_grad
+    logits, loss = model(idx, idx)
+    assert not logits.requires_grad and loss.requires_grad
 
 
 def test_causal():
