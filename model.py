@@ -118,9 +118,9 @@ class Block(nn.Module):
 
 
 class CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (N, V) logits, equal to F.cross_entropy, with its gradient written out as
-    (softmax(logits) - onehot(targets)) / N: one pass over the logits, where the compiled CPU backward of
-    F.cross_entropy reduces a dense one-hot, one element at a time."""
+    """Mean cross-entropy of (N, V) logits, equal to F.cross_entropy (no ignore_index: every target must be a
+    class), with its gradient written out as (softmax(logits) - onehot(targets)) / N: one pass over the logits,
+    where the compiled CPU backward of F.cross_entropy reduces a dense one-hot, one element at a time."""
 
     @staticmethod
     def forward(ctx, logits, targets):
