@@ -35,21 +35,27 @@ def state_bytes(opt):
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
-def time_interleaved(opts, warmup, steps, sync):
-    """Median seconds per step of each optimizer, stepping them in turn so drift hits all alike."""
-    times = {name: [] for name in opts}
-    for i in range(warmup + steps):
-        for name, opt in opts.items():
-            for group in opt.param_groups:
-                group["lr"] = 1e-3 * (1 - i / 1000)  # as a scheduler would
+def time_in_turn(steps, warmup, n, sync=lambda: None):
+    """Median seconds of each step function {name: step(i)}, called in turn so drift hits all alike."""
+    times = {name: [] for name in steps}
+    for i in range(warmup + n):
+        for name, step in steps.items():
             sync()
             t0 = time.perf_counter()
-            with torch._dynamo.config.patch(error_on_recompile=i >= warmup):  # lr changes, shapes don't
-                opt.step()
+            step(i)
             sync()
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def optimizer_step(opt, warmup):
+    def step(i):
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * (1 - i / 1000)  # as a scheduler would
+        with torch._dynamo.config.patch(error_on_recompile=i >= warmup):  # lr changes, shapes don't
+            opt.step()
+    return step
 
 
 def bench_optimizer(args):
@@ -65,11 +71,12 @@ def bench_optimizer(args):
             p.grad = torch.randn_like(p)
         opts = {"AdamW(fused=True)": torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
                 "SCALE compiled": SCALE(scale_param_groups(model), lr=1e-3, compile=True)}
-        times = time_interleaved(opts, args.warmup, args.steps, sync)
+        times = time_in_turn({name: optimizer_step(opt, args.warmup) for name, opt in opts.items()}, args.warmup,
+                             args.steps, sync)
         ratios = {name: t / times["AdamW(fused=True)"] for name, t in times.items()}
         opts["SCALE eager"] = SCALE(scale_param_groups(model), lr=1e-3)
-        pair = time_interleaved({"AdamW(fused=True)": opts["AdamW(fused=True)"], "SCALE eager": opts["SCALE eager"]},
-                                1, 5, sync)
+        pair = time_in_turn({name: optimizer_step(opts[name], 1) for name in ("AdamW(fused=True)", "SCALE eager")},
+                            1, 5, sync)
         times["SCALE eager"], ratios["SCALE eager"] = pair["SCALE eager"], pair["SCALE eager"] / pair["AdamW(fused=True)"]
         base_bytes = state_bytes(opts["AdamW(fused=True)"])
         print(f"{dtype}: {sum(p.numel() for p in model.parameters()):,} params")
@@ -83,19 +90,12 @@ def bench_optimizer(args):
 # -----------------------------------------------------------------------------
 # model: forward + backward + optimizer step, ours against HF's LlamaForCausalLM
 
-def time_train_steps(runs, x, y, warmup, steps, sync=lambda: None):
-    """Median seconds per training step of each run {name: (loss_fn, opt)}, stepped in turn so drift hits all alike."""
-    times = {name: [] for name in runs}
-    for i in range(warmup + steps):
-        for name, (loss_fn, opt) in runs.items():
-            t0 = time.perf_counter()
-            loss_fn(x, y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def train_step(loss_fn, opt, x, y):
+    def step(i):
+        loss_fn(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def loss_of(model):
@@ -130,7 +130,7 @@ def bench_model_cpu(args):
         fwd = torch.compile(model, fullgraph=True) if compiled else model
         name = f"ours {'compiled' if compiled else 'eager'} + SCALE{' compiled' if compiled else ''}"
         runs[name] = loss_of(fwd), SCALE(scale_param_groups(model), lr=1e-3, compile=compiled)
-    results = time_train_steps(runs, x, y, args.warmup, args.steps)
+    results = time_in_turn({name: train_step(*run, x, y) for name, run in runs.items()}, args.warmup, args.steps)
     base = next((t for k, t in results.items() if k.startswith("HF")), None)
     for name, t in results.items():
         print(f"{name:50s} {args.batch_size * args.seq_len / t:9.0f} tokens/s" + (f"  {base / t:.2f}x HF" if base else ""))
@@ -149,8 +149,8 @@ def bench_model_cuda(args):
             fwd = torch.compile(model, fullgraph=True)
             x, y = (torch.randint(0, 32000, (batch, 256), device="cuda") for _ in range(2))
             torch.cuda.reset_peak_memory_stats()
-            runs = {opt_name: (loss_of(fwd), opt)}
-            t = time_train_steps(runs, x, y, 5, args.steps, torch.cuda.synchronize)[opt_name]
+            t = time_in_turn({opt_name: train_step(loss_of(fwd), opt, x, y)}, 5, args.steps,
+                             torch.cuda.synchronize)[opt_name]
             tps = batch * 256 / t
             mfu = f"MFU {tps * model.flops_per_token(256) / peak:6.1%}" if peak else "MFU n/a"
             print(f"{label:11s} {opt_name:6s} batch {batch}x256: {tps:10.0f} tokens/s  {mfu}  "
