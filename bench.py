@@ -23,17 +23,13 @@ import prepare_c4
 from conftest import make_c4_source
 from data import TrainBatches
 from model import LLaMA, LLaMAConfig, peak_flops
-from scale import SCALE, scale_param_groups
+from scale import SCALE, scale_param_groups, state_bytes
 
 LLAMA_60M = dict(dim=512, n_layers=8, n_heads=8, ffn_dim=1376, vocab_size=32000)
 
 
 # -----------------------------------------------------------------------------
 # optimizer: one step of each optimizer on the same model shapes, interleaved so drift hits all alike
-
-def state_bytes(opt):
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-
 
 def time_in_turn(steps, warmup, n, sync=lambda: None):
     """Median seconds of each step function {name: step(i)}, called in turn so drift hits all alike."""
@@ -78,10 +74,10 @@ def bench_optimizer(args):
         pair = time_in_turn({name: optimizer_step(opts[name], 1) for name in ("AdamW(fused=True)", "SCALE eager")},
                             1, 5, sync)
         times["SCALE eager"], ratios["SCALE eager"] = pair["SCALE eager"], pair["SCALE eager"] / pair["AdamW(fused=True)"]
-        base_bytes = state_bytes(opts["AdamW(fused=True)"])
+        base_bytes = state_bytes([opts["AdamW(fused=True)"]])
         print(f"{dtype}: {sum(p.numel() for p in model.parameters()):,} params")
         for name, opt in opts.items():
-            nbytes = state_bytes(opt)
+            nbytes = state_bytes([opt])
             print(f"  {name:18s} step {1e3 * times[name]:8.2f} ms = {ratios[name]:5.2f}x AdamW   "
                   f"state {nbytes / 1e6:7.1f} MB = {nbytes / base_bytes:6.1%} of AdamW")
         del model, opts

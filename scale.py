@@ -158,3 +158,9 @@ def scale_param_groups(model, output=None):
             role = "matrix" if p.ndim >= 2 else "vector"
         groups[role].append(p)
     return [{"params": ps, "role": role} for role, ps in groups.items() if ps]
+
+
+def state_bytes(optimizers):
+    """Bytes of the state tensors of any torch optimizers, scalar step counters aside: the memory SCALE saves."""
+    return sum(t.numel() * t.element_size() for opt in optimizers for state in opt.state.values()
+               for t in state.values() if torch.is_tensor(t) and t.ndim > 0)

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from model import LLaMA, LLaMAConfig
+import scale
 from scale import SCALE, scale_param_groups
 
 
@@ -153,7 +154,10 @@ def test_state_holds_exactly_output_momentum_and_vector_moments():
         assert keys == expected, name
     state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     n_vector = sum(p.numel() for p in model.parameters() if p.ndim == 1)
-    assert state_bytes == 4 * (100 * 32 + 2 * n_vector)
+    assert state_bytes == 4 * (100 * 32 + 2 * n_vector) == scale.state_bytes([opt])
+    adamw = torch.optim.AdamW(model.parameters(), fused=True)
+    adamw.step()  # its 0-d step tensors are counters, not state memory
+    assert scale.state_bytes([opt, adamw]) == state_bytes + 8 * sum(p.numel() for p in model.parameters())
     assert not SCALE(scale_param_groups(model), lr=1e-3, momentum=0.0).state  # momentum=0: nothing before a step
 
 

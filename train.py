@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import TrainBatches, val_batches, write_atomic
 from model import LLaMA, LLaMAConfig, peak_flops
-from scale import SCALE, scale_param_groups
+from scale import SCALE, scale_param_groups, state_bytes
 
 # -----------------------------------------------------------------------------
 # default config: the recipe the SCALE paper shares across model sizes (shape and schedule: LLaMA-60M)
@@ -159,12 +159,6 @@ def lr_factor(step, warmup_steps, max_steps, min_lr_ratio):
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def state_bytes(optimizers):
-    """Bytes of the optimizers' state tensors, scalar step counters aside."""
-    return sum(t.numel() * t.element_size() for opt in optimizers for state in opt.state.values()
-               for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
 
 
 # -----------------------------------------------------------------------------
