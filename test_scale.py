@@ -68,7 +68,10 @@ SCHEDULE = [(1e-2, 0.0), (3e-3, 0.1), (5e-4, 0.05), (2e-2, 0.0)]  # (lr, weight 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.0), dict(momentum=0.8, adam_lr=0.02),
                                     dict(momentum_roles=("matrix", "embedding", "output"))])
-def test_matches_reference_fp32(kwargs):
+@pytest.mark.parametrize("block_bytes", [scale.BLOCK_BYTES, 384])
+def test_matches_reference_fp32(kwargs, block_bytes, monkeypatch):
+    # 384-byte blocks: lm_head (50, 16) is updated in 8 blocks of rows (7 of 7 rows, 1 of 1), the conv weight in 3
+    monkeypatch.setattr(scale, "BLOCK_BYTES", block_bytes)
     torch.manual_seed(0)
     model = Toy()
     groups = scale_param_groups(model)
@@ -123,7 +126,8 @@ def test_rms_is_clamped_at_1e_minus_8():
 
 
 @pytest.mark.slow
-def test_compiled_equals_eager_and_does_not_recompile_on_lr_change():
+def test_compiled_equals_eager_and_does_not_recompile_on_lr_change(monkeypatch):
+    monkeypatch.setattr(scale, "BLOCK_BYTES", 4096)  # lm_head (100, 32) and its momentum in 3 blocks of rows
     torch._dynamo.reset()
     cfg = LLaMAConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=64, vocab_size=100)
     models = [LLaMA(cfg) for _ in range(2)]
