@@ -108,15 +108,15 @@ class SCALE(torch.optim.Optimizer):
 
     def _normalized_step(self, group, params):
         lr, beta, dim = group["lr"], group["momentum"], NORM_DIM[group["role"]]
-        tensors = [params, [p.grad for p in params]]
+        bufs = []
         if beta > 0 and group["role"] in group["momentum_roles"]:
             for p in params:
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            tensors.append([self.state[p]["momentum_buffer"] for p in params])
-        p_blocks, g_blocks, *m_blocks = ([b for t in ts for b in blocks(t, dim)] for ts in tensors)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+        in_blocks = lambda ts: [b for t in ts for b in blocks(t, dim)]
         h = torch.tensor([lr, 1 - lr * group["weight_decay"], 1 - beta], device=params[0].device)
-        self._normalized_update(p_blocks, g_blocks, m_blocks[0] if m_blocks else [], h, dim)
+        self._normalized_update(in_blocks(params), in_blocks(p.grad for p in params), in_blocks(bufs), h, dim)
 
     def _adamw_step(self, group, params):
         lr = group["adam_lr"] * group["lr"] / group["lr0"] if group["lr0"] else 0.0
