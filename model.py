@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+LOSS_CHUNKS = 4  # the backward of the output layer and the loss runs in this many chunks of tokens (see below)
+
 # dense bf16 FLOP/s of known GPUs, for MFU; the first key found in the device name wins
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -117,24 +119,38 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (N, V) logits, equal to F.cross_entropy (no ignore_index: every target must be a
-    class), with its gradient written out as (softmax(logits) - onehot(targets)) / N: one pass over the logits,
-    where the compiled CPU backward of F.cross_entropy reduces a dense one-hot, one element at a time."""
+class LinearCrossEntropy(torch.autograd.Function):
+    """logits = h @ weight.T and their mean cross-entropy (in fp32 or wider), equal to F.linear then F.cross_entropy (no
+    ignore_index: every target must be a class). The logits are saved in their own dtype (bf16 in bf16 training),
+    and the backward computes their gradient (softmax(logits) - onehot(targets)) / N in LOSS_CHUNKS chunks of
+    tokens, each used at once by the output layer's two backward matmuls: the (N, V) fp32 gradient never exists
+    whole (a quarter of that memory; on CPU no fresh ~260 MB buffer to page in every step)."""
 
     @staticmethod
-    def forward(ctx, logits, targets):
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(logits, lse, targets)
-        return (lse - logits.gather(1, targets[:, None]).squeeze(1)).mean()
+    def forward(ctx, h, weight, targets):
+        logits = h @ weight.t()
+        lse = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # >= fp32
+        loss = lse.mean() - logits.gather(1, targets[:, None]).to(lse.dtype).mean()
+        ctx.save_for_backward(h, weight, logits, lse, targets)
+        ctx.mark_non_differentiable(logits)
+        ctx.set_materialize_grads(False)  # the logits get no gradient: no (N, V) zeros for it
+        return logits, loss
 
     @staticmethod
-    def backward(ctx, grad):
-        logits, lse, targets = ctx.saved_tensors
-        scale = grad / logits.shape[0]
-        dlogits = (logits - lse[:, None]).exp_().mul_(scale)  # in place: one (N, V) buffer in eager mode
-        dlogits[torch.arange(len(targets), device=targets.device), targets] -= scale
-        return dlogits, None
+    def backward(ctx, _, grad):
+        h, weight, logits, lse, targets = ctx.saved_tensors
+        scale = grad / len(targets)
+        dh, dweight = [], torch.zeros_like(weight, dtype=lse.dtype)
+        rows = -(-len(targets) // LOSS_CHUNKS)  # slices, not .chunk(): with split, inductor runs all chunks' exp
+        # kernels before their matmuls, and no chunk buffer is reused
+        for i in range(0, len(targets), rows):
+            chunk = slice(i, i + rows)
+            dlogits = (logits[chunk].to(lse.dtype) - lse[chunk, None]).exp_().mul_(scale)  # in place: one buffer
+            dlogits[torch.arange(dlogits.shape[0], device=targets.device), targets[chunk]] -= scale
+            dlogits = dlogits.to(h.dtype)
+            dh.append(dlogits @ weight)
+            dweight += dlogits.t() @ h[chunk]
+        return torch.cat(dh), dweight.to(weight.dtype), None
 
 
 class LLaMA(nn.Module):
@@ -166,12 +182,11 @@ class LLaMA(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer in self.layers:
             x = layer(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
         if targets is None:
-            return logits, None
-        loss = CrossEntropy.apply(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        # detached: a compiled graph would otherwise fill a zero gradient for them in every backward
-        return logits.detach(), loss
+            return self.lm_head(x), None
+        logits, loss = LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        return logits.view(B, T, -1), loss  # logits without grad: only the loss is differentiable
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

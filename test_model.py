@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from model import CrossEntropy, LLaMA, LLaMAConfig, peak_flops
+from model import LinearCrossEntropy, LLaMA, LLaMAConfig, peak_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "ffn_dim")
@@ -86,15 +86,39 @@ def test_forward_shapes_and_loss():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_cross_entropy_value_and_gradient_equal_torch():
-    logits = torch.randn(37, 97, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 97, (37,))
-    loss = CrossEntropy.apply(logits, targets)
-    (grad,) = torch.autograd.grad(3.0 * loss, logits)
-    ref = F.cross_entropy(logits, targets)
-    (ref_grad,) = torch.autograd.grad(3.0 * ref, logits)
+@pytest.mark.parametrize("n_tokens", [37, 2])  # 4 ragged chunks; fewer tokens than chunks
+def test_linear_cross_entropy_value_and_gradients_equal_torch(n_tokens):
+    h = torch.randn(n_tokens, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 97, (n_tokens,))
+    logits, loss = LinearCrossEntropy.apply(h, weight, targets)
+    grads = torch.autograd.grad(3.0 * loss, (h, weight))
+    ref_logits = F.linear(h, weight)
+    ref = F.cross_entropy(ref_logits, targets)
+    ref_grads = torch.autograd.grad(3.0 * ref, (h, weight))
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-14, atol=0)
     torch.testing.assert_close(loss, ref, rtol=1e-14, atol=0)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+    for g, ref_g in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref_g, rtol=1e-12, atol=1e-15)
+
+
+def test_linear_cross_entropy_bf16_saves_bf16_logits_and_matches_fp32():
+    torch.manual_seed(0)
+    h, weight = torch.randn(64, 32, dtype=torch.bfloat16), (0.1 * torch.randn(97, 32)).bfloat16()
+    h.requires_grad_(), weight.requires_grad_()
+    targets = torch.randint(0, 97, (64,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logits, loss = LinearCrossEntropy.apply(h, weight, targets)
+    assert {t.dtype for t in saved if t.shape == (64, 97)} == {torch.bfloat16}  # no fp32 copy of the logits kept
+    loss.backward()
+    h32, w32 = h.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref = F.cross_entropy(F.linear(h32, w32), targets)
+    ref.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 1e-2
+    assert h.grad.dtype == weight.grad.dtype == torch.bfloat16
+    for g, ref_g in ((h.grad, h32.grad), (weight.grad, w32.grad)):  # bf16 rounding of the logits and their grad
+        torch.testing.assert_close(g.float(), ref_g, rtol=0.02, atol=0.01 * ref_g.abs().max().item())
 
 
 def test_logits_are_detached_when_a_loss_is_computed():
