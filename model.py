@@ -120,11 +120,12 @@ class Block(nn.Module):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """logits = h @ weight.T and their mean cross-entropy (in fp32 or wider), equal to F.linear then F.cross_entropy (no
-    ignore_index: every target must be a class). The logits are saved in their own dtype (bf16 in bf16 training),
-    and the backward computes their gradient (softmax(logits) - onehot(targets)) / N in LOSS_CHUNKS chunks of
-    tokens, each used at once by the output layer's two backward matmuls: the (N, V) fp32 gradient never exists
-    whole (a quarter of that memory; on CPU no fresh ~260 MB buffer to page in every step)."""
+    """logits = h @ weight.T and their mean cross-entropy (in fp32 or wider), equal to F.linear then
+    F.cross_entropy (no ignore_index: every target must be a class). The logits are saved in their own dtype
+    (bf16 in bf16 training), and the backward computes their gradient (softmax(logits) - onehot(targets)) / N
+    in LOSS_CHUNKS chunks of tokens, each used at once by the output layer's two backward matmuls: the (N, V)
+    fp32 gradient never exists whole (a quarter of that memory; on CPU no fresh ~260 MB buffer to page in
+    every step). The output layer's module is not called here, so its forward hooks do not run in training."""
 
     @staticmethod
     def forward(ctx, h, weight, targets):
