@@ -186,6 +186,8 @@ class LLaMA(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x), None
+        if self.lm_head.bias is not None:  # the fused loss below uses lm_head.weight alone
+            raise ValueError("lm_head has a bias, which the training loss would ignore; use bias=False or add the bias in LinearCrossEntropy")
         logits, loss = LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
         return logits.view(B, T, -1), loss  # logits without grad: only the loss is differentiable
 

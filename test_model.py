@@ -129,6 +129,15 @@ def test_logits_are_detached_when_a_loss_is_computed():
     assert not logits.requires_grad and loss.requires_grad
 
 
+def test_lm_head_bias_is_an_error_not_silently_ignored_by_the_loss():
+    model = tiny_model()
+    model.lm_head = torch.nn.Linear(64, 97, bias=True)
+    idx = torch.randint(0, 97, (2, 5))
+    assert model(idx)[0].shape == (2, 5, 97)  # logits alone: the module runs, bias included
+    with pytest.raises(ValueError, match="lm_head has a bias"):
+        model(idx, idx)
+
+
 def test_causal():
     model = tiny_model()
     idx = torch.randint(0, 97, (2, 20))
