@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import prepare_c4
-from conftest import make_c4_source
+from make_corpus import make_c4_source
 from data import TrainBatches
 from model import LLaMA, LLaMAConfig, peak_flops
 from scale import SCALE, scale_param_groups, state_bytes

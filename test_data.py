@@ -1,4 +1,4 @@
-"""Tests of prepare_c4.py and data.py, offline, on small generated C4-format files (see conftest.py)."""
+"""Tests of prepare_c4.py and data.py, offline, on small generated C4-format files (make_corpus.py)."""
 import gzip
 import json
 import os
@@ -13,7 +13,7 @@ import torch
 
 import data
 import prepare_c4
-from conftest import make_c4_source, write_c4_file
+from make_corpus import make_c4_source, write_c4_file
 from data import DataError, TrainBatches, open_shard, val_batches
 
 SPLIT_FILES = {"train": ["en/c4-train.00000-of-01024.json.gz", "en/c4-train.00001-of-01024.json.gz"],
@@ -369,3 +369,19 @@ def test_val_too_few_tokens(byte_data):
         val_batches(str(byte_data), 1024, 4, 16 * 1024)
     assert str(e.value) == (f"eval_tokens=16384 needs 16 val windows of 1025 tokens but the val split of {byte_data} "
                             "has 15655 tokens (15 windows); lower eval_tokens or prepare more val data")
+
+
+def test_make_corpus_cli_writes_a_c4_layout_and_refuses_to_overwrite(tmp_path):
+    cmd = [sys.executable, "make_corpus.py", "--out_dir", str(tmp_path), "--train_docs", "7", "--val_docs", "3"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert p.returncode == 0, p.stderr
+    names = {"c4-train.00000-of-01024.json.gz": 7, "c4-validation.00000-of-00008.json.gz": 3}
+    assert sorted(os.listdir(tmp_path / "en")) == sorted(names)
+    for name, n in names.items():
+        with gzip.open(tmp_path / "en" / name, "rt") as f:
+            lines = [json.loads(line) for line in f]
+        assert len(lines) == n and all(isinstance(r["text"], str) and r["text"] for r in lines)
+    before = (tmp_path / "en" / "c4-train.00000-of-01024.json.gz").read_bytes()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert p.returncode == 1 and p.stderr == f"error: {tmp_path / 'en'} exists already; give another --out_dir or remove it\n"
+    assert (tmp_path / "en" / "c4-train.00000-of-01024.json.gz").read_bytes() == before
