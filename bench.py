@@ -20,12 +20,19 @@ import torch
 import torch.nn.functional as F
 
 import prepare_c4
-from make_corpus import make_c4_source
+from config import paper_config
 from data import TrainBatches
+from make_corpus import make_c4_source
 from model import LLaMA, LLaMAConfig, peak_flops
 from scale import SCALE, scale_param_groups, state_bytes
 
-LLAMA_60M = dict(dim=512, n_layers=8, n_heads=8, ffn_dim=1376, vocab_size=32000)
+
+def paper_model(name, vocab_size=32000):
+    """The LLaMAConfig of configs/<name>.py, with the paper's 32000-entry vocabulary and seq_len 256."""
+    return LLaMAConfig.from_config(vars(paper_config(name)), vocab_size)
+
+
+LLAMA_60M = paper_model("llama_60m")
 
 
 # -----------------------------------------------------------------------------
@@ -62,7 +69,7 @@ def bench_optimizer(args):
           f"step, which its temporaries would slow)")
     for dtype in args.dtype:
         torch.manual_seed(0)
-        model = LLaMA(LLaMAConfig(**LLAMA_60M)).to(device, getattr(torch, dtype))
+        model = LLaMA(LLAMA_60M).to(device, getattr(torch, dtype))
         for p in model.parameters():
             p.grad = torch.randn_like(p)
         opts = {"AdamW(fused=True)": torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
@@ -136,10 +143,9 @@ def bench_model_cuda(args):
     name = torch.cuda.get_device_name()
     peak = peak_flops(name)
     print(f"{name}, bf16 params, torch.compile model and SCALE step, peak {peak or 'unknown'} FLOP/s for MFU")
-    for label, shape, batch in (("llama_60m", LLAMA_60M, 256), ("llama_350m", dict(
-            dim=1024, n_layers=24, n_heads=16, ffn_dim=2736, vocab_size=32000), 128)):
+    for label, batch in (("llama_60m", 256), ("llama_350m", 128)):
         torch.manual_seed(0)
-        model = LLaMA(LLaMAConfig(**shape, max_seq_len=256)).cuda().to(torch.bfloat16)
+        model = LLaMA(paper_model(label)).cuda().to(torch.bfloat16)
         for opt_name, opt in (("SCALE", SCALE(scale_param_groups(model), lr=1e-3, compile=True)),
                               ("AdamW", torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True))):
             fwd = torch.compile(model, fullgraph=True)

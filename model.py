@@ -24,6 +24,9 @@ def peak_flops(device_name):
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)
 
 
+SHAPE = ("dim", "n_layers", "n_heads", "ffn_dim")  # the run config's keys that set the model's shape
+
+
 @dataclass
 class LLaMAConfig:
     dim: int = 512
@@ -43,6 +46,12 @@ class LLaMAConfig:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}); change dim or n_heads")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even for rotary embeddings; change dim or n_heads")
+
+    @classmethod
+    def from_config(cls, cfg, vocab_size):
+        """The model of a run config (a mapping with the SHAPE keys and seq_len, e.g. vars(config.load_config(...)))
+        with this vocabulary; its rotary tables cover seq_len positions."""
+        return cls(**{key: cfg[key] for key in SHAPE}, vocab_size=vocab_size, max_seq_len=cfg["seq_len"])
 
     @property
     def head_dim(self):

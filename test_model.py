@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
-from model import LinearCrossEntropy, LLaMA, LLaMAConfig, peak_flops
+import config
+from model import SHAPE, LinearCrossEntropy, LLaMA, LLaMAConfig, peak_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPE_KEYS = ("dim", "n_layers", "n_heads", "ffn_dim")
 
 
 def config_path(name):
@@ -19,7 +18,7 @@ def config_path(name):
 
 def load_config(name):
     """The config train.py runs: its defaults, then the file (unknown keys and wrong types are errors)."""
-    return vars(train.load_config([config_path(name)]))
+    return vars(config.load_config([config_path(name)]))
 
 
 def tiny_model(seed=0, **kw):
@@ -35,18 +34,18 @@ def tiny_model(seed=0, **kw):
 def test_paper_param_counts(name, expected):
     cfg = load_config(name)
     with torch.device("meta"):
-        model = LLaMA(LLaMAConfig(**{k: cfg[k] for k in SHAPE_KEYS}, vocab_size=32000))
+        model = LLaMA(LLaMAConfig.from_config(cfg, vocab_size=32000))
     assert model.num_params() == expected
     assert model.flops_per_token(256) == 6 * (expected - 32000 * cfg["dim"]) + 12 * cfg["n_layers"] * cfg["dim"] * 256
 
 
 def test_config_files_use_only_known_keys():
     # a paper config sets only what differs between sizes; train.py's defaults are the shared recipe
-    own_keys = set(SHAPE_KEYS) | {"lr", "adam_lr", "max_steps", "warmup_steps", "batch_size", "data_dir", "out_dir"}
+    own_keys = set(SHAPE) | {"lr", "adam_lr", "max_steps", "warmup_steps", "batch_size", "data_dir", "out_dir"}
     recipe = {"llama_60m": (11000, 1e-3, 0.02), "llama_130m": (20000, 1e-3, 0.02), "llama_350m": (60000, 1e-3, 0.02),
               "llama_1b": (100000, 2e-4, 1e-3), "llama_7b": (150000, 1e-4, 1e-3)}
     for name, (steps, lr, adam_lr) in recipe.items():
-        assert set(train.read_config_file(config_path(name))) <= own_keys, name
+        assert set(config.read_config_file(config_path(name))) <= own_keys, name
         cfg = load_config(name)
         assert (cfg["optimizer"], cfg["max_steps"], cfg["lr"], cfg["adam_lr"]) == ("scale", steps, lr, adam_lr)
         assert cfg["warmup_steps"] == steps // 10 and cfg["min_lr_ratio"] == 0.1
@@ -55,7 +54,7 @@ def test_config_files_use_only_known_keys():
         assert cfg["total_batch_size"] % cfg["batch_size"] == 0 and cfg["out_dir"] == f"out/{name}"
     tiny = load_config("tiny")
     assert tiny["dtype"] == "float32" and tiny["compile"] is False and tiny["total_batch_size"] % tiny["batch_size"] == 0
-    LLaMAConfig(**{k: tiny[k] for k in SHAPE_KEYS}, vocab_size=257)
+    LLaMAConfig.from_config(tiny, vocab_size=257)
 
 
 def test_structure_and_init():

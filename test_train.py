@@ -39,6 +39,12 @@ def start_record(records):
     return start
 
 
+def state_bytes_logged(records):
+    """The optimizer state bytes of every train record: one value, as the state exists from the first step."""
+    (nbytes,) = set(events(records, "train", "opt_state_bytes"))
+    return nbytes
+
+
 def events(records, event, key):
     return [r[key] for r in records if r["event"] == event]
 
@@ -76,52 +82,7 @@ def scale_run(byte_data, tmp_path_factory):
 
 
 # -----------------------------------------------------------------------------
-# configuration
-
-def test_defaults_are_the_papers_recipe():
-    d = train.DEFAULTS
-    assert (d["seq_len"], d["total_batch_size"], d["momentum"], d["weight_decay"]) == (256, 512, 0.9, 0.0)
-    assert (d["min_lr_ratio"], d["grad_clip"], d["dtype"], d["compile"]) == (0.1, 0.0, "bfloat16", True)
-    assert (d["optimizer"], d["momentum_roles"], d["adam_lr"]) == ("scale", "output", 0.0)
-
-
-def test_help_lists_every_key_with_its_default(capsys):
-    train.main(["configs/tiny.py", "--help"])
-    out = capsys.readouterr().out
-    assert out.startswith(train.__doc__) and all(f"--{k}={v!r}\n" in out for k, v in train.DEFAULTS.items())
-
-
-def test_config_file_then_overrides(tmp_path):
-    path = tmp_path / "c.py"
-    path.write_text("lr = 3e-3\nmax_steps = 7\noptimizer = 'adamw'\n")
-    cfg = train.load_config([str(path), "--max_steps=9", "--lr=1", "--compile=False", "--out_dir=out/1e3"])
-    assert (cfg.lr, cfg.max_steps, cfg.optimizer, cfg.compile, cfg.out_dir) == (1.0, 9, "adamw", False, "out/1e3")
-    assert type(cfg.lr) is float and cfg.seq_len == 256 and set(vars(cfg)) == set(train.DEFAULTS)
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--learning_rate=1e-3"], "unknown config key 'learning_rate' in --learning_rate=1e-3"),
-    (["--warmup=10"], "unknown config key 'warmup' in --warmup=10; did you mean warmup_steps?"),
-    (["--max_steps=1e4"], "max_steps must be of type int, got 10000.0 in --max_steps=1e4"),
-    (["--compile=yes"], "compile must be of type bool, got 'yes' in --compile=yes"),
-    (["--optimizer=adam"], "optimizer must be one of scale, adamw, muon, sgd, got 'adam' in --optimizer=adam; "
-                           "did you mean adamw?"),
-    (["--eval_every=0"], "eval_every must be positive, got 0"),
-    (["--lr", "1e-3"], "options are written --key=value, got '--lr'"),
-    (["no/such/config.py"], "cannot read config file no/such/config.py: No such file or directory"),
-])
-def test_bad_config(argv, message):
-    with pytest.raises(ValueError) as e:
-        train.load_config(argv)
-    assert str(e.value).startswith(message)
-
-
-def test_unknown_key_in_config_file(tmp_path):
-    path = tmp_path / "c.py"
-    path.write_text("n_layer = 4\n")
-    with pytest.raises(ValueError, match=f"unknown config key 'n_layer' in {path}; did you mean n_layers"):
-        train.load_config([str(path)])
-
+# bad input (the config reader's own checks are in test_config.py)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides,message", [
@@ -163,7 +124,11 @@ def test_schedule_reaches_every_group(scale_run):
 def test_tiny_run_learns_and_logs(scale_run):
     records = read_log(scale_run)
     start = start_record(records)
+    assert records[0] is start and start["step"] == 0  # written before the first step
     assert start["config"]["dim"] == 32 and start["params"] == tiny_model().num_params()
+    assert start["param_bytes"] == 4 * tiny_model().num_params() and start["world_size"] == 1
+    assert (start["device"], start["torch"]) == ("cpu", torch.__version__)
+    assert start["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", start["git_commit"])
     assert events(records, "train", "step") == list(range(1, 31))
     assert events(records, "train", "tokens")[-1] == 30 * 8 * 32
     assert all(r["peak_mem_bytes"] is None and r["mfu"] is None and r["tokens_per_s"] > 0
@@ -176,10 +141,10 @@ def test_tiny_run_learns_and_logs(scale_run):
     assert ckpt["step"] == 30 and ckpt["vocab_size"] == 257 and ckpt["config"]["max_steps"] == 30
     assert not os.path.exists(os.path.join(scale_run, "ckpt.pt.tmp"))
     # exactly what the paper counts: momentum on the output layer, AdamW's two moments on 1-D params
-    assert start["opt_state_bytes"] == 4 * compare.state_numel(tiny_model(), "scale")
-    assert start["adamw_state_bytes"] == 8 * tiny_model().num_params()
-    summary = compare.summarize("scale", compare.read_log(os.path.join(scale_run, "log.jsonl")))
-    assert summary["val_loss"] == val[-1] and summary["state_bytes"] == start["opt_state_bytes"]
+    assert state_bytes_logged(records) == 4 * compare.state_numel(tiny_model(), "scale")
+    summary = compare.summarize("scale", [compare.read_log(os.path.join(scale_run, "log.jsonl"))])
+    assert summary["val_loss"] == val[-1] and summary["state_bytes"] == state_bytes_logged(records)
+    assert summary["memory_bytes"] == start["param_bytes"] + state_bytes_logged(records)
 
 
 @pytest.mark.parametrize("optimizer,lr", [("adamw", 1e-2), ("muon", 1e-2), ("sgd", 0.5)])
@@ -189,7 +154,7 @@ def test_each_optimizer_learns(byte_data, tmp_path, optimizer, lr):
     val = events(records, "eval", "val_loss")
     assert val[-1] < val[0] - 1.0, val
     # the measured state is exactly what the paper counts: AdamW 2 moments, SGD 1, Muon 1 on hidden matrices
-    assert start_record(records)["opt_state_bytes"] == 4 * compare.state_numel(tiny_model(), optimizer)
+    assert state_bytes_logged(records) == 4 * compare.state_numel(tiny_model(), optimizer)
     assert len(load_ckpt(tmp_path)["optimizers"]) == (2 if optimizer == "muon" else 1)
 
 
@@ -204,7 +169,7 @@ def test_scale_options_reach_the_optimizer(byte_data, tmp_path, adam_lr):
     model = tiny_model()
     matrices = sum(p.numel() for p in model.parameters() if p.ndim == 2)
     vectors = sum(p.numel() for p in model.parameters() if p.ndim == 1)
-    assert start_record(read_log(tmp_path))["opt_state_bytes"] == 4 * (matrices + 2 * vectors)
+    assert state_bytes_logged(read_log(tmp_path)) == 4 * (matrices + 2 * vectors)
 
 
 @pytest.mark.parametrize("dtype,param_dtype", [("bfloat16", torch.bfloat16), ("mixed", torch.float32)])

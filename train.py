@@ -5,118 +5,30 @@ Pretrain LLaMA on C4 with SCALE, AdamW, Muon or SGD. The same file runs one CPU 
     python train.py configs/llama_60m.py --optimizer=adamw --lr=1e-3
     torchrun --standalone --nproc_per_node=8 train.py configs/llama_1b.py
 
-The config is DEFAULTS below (the paper's shared recipe), then each config file, then each --key=value.
+The config is config.py's DEFAULTS (the paper's shared recipe), then each config file, then each --key=value
+(python train.py --help lists every key).
 Checkpoints go to out_dir/ckpt.pt. resume=True continues from there, or starts from scratch if there is
 none yet (so one command can be re-run after any crash). The batches are a function of (seed, step), so a
 resumed run sees the data an uninterrupted one would; on CPU in float32 it ends bit for bit the same.
 """
-import ast
-import difflib
 import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from config import help_text, load_config
 from data import TrainBatches, val_batches, write_atomic
-from model import LLaMA, LLaMAConfig, peak_flops
+from model import SHAPE, LLaMA, LLaMAConfig, peak_flops
 from scale import SCALE, scale_param_groups, state_bytes
-
-# -----------------------------------------------------------------------------
-# default config: the recipe the SCALE paper shares across model sizes (shape and schedule: LLaMA-60M)
-DEFAULTS = dict(
-    # model; the vocabulary size comes from data_dir/meta.json
-    dim=512, n_layers=8, n_heads=8, ffn_dim=1376,
-    # optimizer
-    optimizer="scale",        # scale | adamw | muon | sgd
-    lr=1e-3,                  # peak learning rate (for Muon: of both its parts)
-    adam_lr=0.0,              # SCALE's AdamW lr for 1-D params; 0 = lr
-    momentum=0.9,             # SCALE's and SGD's momentum (Muon keeps its own 0.95)
-    momentum_roles="output",  # SCALE ablation: the roles with momentum, e.g. "output,matrix,embedding"
-    weight_decay=0.0,
-    grad_clip=0.0,            # max global gradient norm; 0 = off
-    # schedule: linear warmup, then cosine decay to min_lr_ratio * lr at max_steps
-    max_steps=11000, warmup_steps=1100, min_lr_ratio=0.1,
-    # batch: total_batch_size sequences per optimizer step over all ranks, batch_size per rank per micro-step
-    seq_len=256, total_batch_size=512, batch_size=64,
-    # evaluation, logging, checkpoints
-    eval_every=1000, eval_tokens=10_000_000, log_every=10, ckpt_every=1000,
-    data_dir="data/c4", out_dir="out", wandb_project="",  # empty wandb_project: no wandb
-    # system
-    dtype="bfloat16",  # float32 | bfloat16 (params and optimizer state) | mixed (bf16 autocast, fp32 params)
-    compile=True, seed=0, resume=False,
-)
-CHOICES = {"optimizer": ("scale", "adamw", "muon", "sgd"), "dtype": ("float32", "bfloat16", "mixed")}
-POSITIVE = ("max_steps", "seq_len", "total_batch_size", "batch_size", "eval_every", "eval_tokens", "log_every",
-            "ckpt_every")
-SHAPE = ("dim", "n_layers", "n_heads", "ffn_dim")
-
-
-def did_you_mean(word, options):
-    close = difflib.get_close_matches(word, options)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
-
-
-def load_config(argv):
-    """DEFAULTS, updated by each config file in argv and each --key=value, in order -> namespace."""
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if not eq:
-                raise ValueError(f"options are written --key=value, got {arg!r}")
-            set_key(cfg, key, parse_value(key, text), arg)
-        else:
-            for key, value in read_config_file(arg).items():
-                set_key(cfg, key, value, arg)
-    for key in POSITIVE:
-        if cfg[key] <= 0:
-            raise ValueError(f"{key} must be positive, got {cfg[key]}")
-    return SimpleNamespace(**cfg)
-
-
-def read_config_file(path):
-    ns = {}
-    try:
-        with open(path) as f:
-            exec(f.read(), ns)
-    except OSError as e:
-        raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
-    except Exception as e:  # a config file is Python: any error in it is a bad config
-        raise ValueError(f"config file {path} fails: {type(e).__name__}: {e}") from None
-    return {k: v for k, v in ns.items() if not k.startswith("_")}
-
-
-def parse_value(key, text):
-    """A command-line value: as given for string keys, else a Python literal (1e-3, 512, True)."""
-    if isinstance(DEFAULTS.get(key), str):
-        return text
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # set_key reports the wrong type
-
-
-def set_key(cfg, key, value, source):
-    if key not in DEFAULTS:
-        raise ValueError(f"unknown config key {key!r} in {source}{did_you_mean(key, DEFAULTS)}")
-    want = type(DEFAULTS[key])
-    if want is float and type(value) is int:
-        value = float(value)
-    if type(value) is not want:
-        raise ValueError(f"{key} must be of type {want.__name__}, got {value!r} in {source}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ValueError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r} in {source}"
-                         f"{did_you_mean(value, CHOICES[key])}")
-    cfg[key] = value
 
 
 # -----------------------------------------------------------------------------
@@ -179,9 +91,12 @@ def set_rng_states(states):
     random.setstate(states["python"])
 
 
-def save_checkpoint(path, model, optimizers, step, cfg, vocab_size):
+def save_checkpoint(path, model, optimizers, step, cfg, batches):
+    """Everything a resume, sample.py or an export needs: weights, optimizer states, step, config, the data's
+    vocabulary and tokenizer, and the RNG states."""
     ckpt = dict(model=model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers], step=step,
-                config=vars(cfg), vocab_size=vocab_size, rng=rng_states())
+                config=vars(cfg), vocab_size=batches.vocab_size, tokenizer=batches.meta["tokenizer"],
+                eot_id=batches.meta["eot_id"], rng=rng_states())
     write_atomic(path, lambda f: torch.save(ckpt, f))
 
 
@@ -250,10 +165,11 @@ def init_distributed():
 
 
 def train_step(model, batches, step, device, autocast, distributed):
-    """Forward and backward over grad_accum micro-batches -> the step's mean loss over all ranks (a tensor)."""
+    """Forward and backward over grad_accum micro-batches -> the step's mean loss over all ranks, a 0-D tensor
+    on device (reading it waits for the step to finish)."""
     loss_sum = torch.zeros((), device=device)
     for micro in range(batches.grad_accum):
-        x, y = (t.to(device) for t in batches.get(step, micro))
+        x, y = (to_device(t, device) for t in batches.get(step, micro))
         # DDP all-reduces gradients during backward: only the last micro-step needs to
         with model.no_sync() if distributed and micro < batches.grad_accum - 1 else nullcontext():
             with autocast:
@@ -265,25 +181,65 @@ def train_step(model, batches, step, device, autocast, distributed):
     return loss_sum / (batches.grad_accum * batches.world_size)
 
 
+def to_device(t, device):
+    """A CPU batch tensor on device; to a GPU from pinned memory, so the copy does not make the host wait."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 @torch.no_grad()
-def evaluate(model, cfg, rank, world_size, device, autocast):
+def evaluate(model, cfg, rank, world_size, device, autocast, log):
     """-> mean per-token loss over the first eval_tokens val tokens (split over ranks; the same for any world
-    size) and perplexity."""
+    size), its perplexity, and the seconds it took. A long eval logs its progress every 10 s."""
+    t0 = last_report = time.time()
+    batches = val_batches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rank, world_size)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of token losses, tokens
-    for x, y in val_batches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rank, world_size):
+    for x, y in batches:
         with autocast:
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(to_device(x, device), to_device(y, device))
         total[0] += loss.double() * y.numel()
         total[1] += y.numel()
+        if time.time() - last_report > 10:
+            done = total[1].item() * world_size  # about: ranks hold the same number of windows, give or take one
+            log(f"  evaluating: about {done:,.0f} of {cfg.eval_tokens:,} tokens, {time.time() - t0:.0f} s")
+            last_report = time.time()
     if world_size > 1:
         dist.all_reduce(total)
     loss = total[0] / total[1]
-    return loss.item(), loss.exp().item()
+    return loss.item(), loss.exp().item(), time.time() - t0
+
+
+def check_losses(losses, first_step, saved, ckpt_path):
+    """The losses (0-D tensors) of steps first_step+1, ... -> as floats, after one wait for the device; raises
+    FloatingPointError at the first that is not finite (all ranks see the same all-reduced losses)."""
+    values = torch.stack(losses).tolist() if losses else []
+    for step, loss in enumerate(values, first_step + 1):
+        if not math.isfinite(loss):
+            raise diverged(f"loss is {loss}", step, saved, ckpt_path)
+    return values
 
 
 def diverged(what, step, saved, ckpt_path):
     kept = "no checkpoint was written" if saved is None else f"{ckpt_path} (step {saved}) is the last good checkpoint"
     return FloatingPointError(f"{what} at step {step}: training diverged, stopped; {kept}. Lower lr or set grad_clip")
+
+
+def git_commit():
+    """The checkout's commit (+ '-dirty' with uncommitted changes to tracked files), or None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here, capture_output=True).returncode
+    except OSError:  # no git
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else None
+
+
+def check_inputs(cfg, rank=0, world_size=1):
+    """Check the data and the model shape of a config before anything runs -> (TrainBatches, LLaMAConfig).
+    Raises DataError or ValueError with a one-line message."""
+    batches = TrainBatches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.total_batch_size, rank, world_size, cfg.seed)
+    val_batches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rank, world_size)  # checks when called
+    return batches, LLaMAConfig.from_config(vars(cfg), batches.vocab_size)
 
 
 def train(cfg):
@@ -295,13 +251,12 @@ def train(cfg):
     if device.type == "cuda":
         torch.backends.cuda.matmul.fp32_precision = "tf32"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "mixed" else nullcontext()
-    batches = TrainBatches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.total_batch_size, rank, world_size, cfg.seed)
+    batches, model_cfg = check_inputs(cfg, rank, world_size)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     with device:
-        model = LLaMA(LLaMAConfig(**{k: getattr(cfg, k) for k in SHAPE}, vocab_size=batches.vocab_size,
-                                  max_seq_len=cfg.seq_len))
+        model = LLaMA(model_cfg)
     if cfg.dtype == "bfloat16":
         model.to(torch.bfloat16)
     optimizers = make_optimizers(model, cfg)
@@ -315,70 +270,82 @@ def train(cfg):
         log(f"resuming from {ckpt_path} at step {start_step}" if resumed else
             f"resume=True but there is no {ckpt_path} yet: starting from scratch")
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"{model.num_params():,} parameters ({param_bytes / 2**20:,.1f} MiB), vocab {batches.vocab_size}, {device}; "
         f"total_batch_size {cfg.total_batch_size} = grad_accum {batches.grad_accum} x batch_size {cfg.batch_size} "
-        f"x world_size {world_size}")
+        f"x world_size {world_size}", event="start", step=start_step, config=vars(cfg), params=model.num_params(),
+        param_bytes=param_bytes, world_size=world_size, device=device_name, torch=torch.__version__,
+        git_commit=git_commit())
 
     train_model = torch.compile(model) if cfg.compile else model
     if world_size > 1:
         train_model = DDP(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
     tokens_per_step = cfg.total_batch_size * cfg.seq_len
     flops_per_token = model.flops_per_token(cfg.seq_len)
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    step, saved = start_step, start_step if resumed else None
-    while True:
-        done = step >= cfg.max_steps
-        if step > start_step or step == 0:  # a resumed run's first step was evaluated and saved before
-            if step % cfg.eval_every == 0 or done:
-                # the eager model: no recompiles for no_grad or the shorter last batch
-                val_loss, val_ppl = evaluate(model, cfg, rank, world_size, device, autocast)
-                log(f"step {step} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f}", event="eval", step=step,
-                    tokens=step * tokens_per_step, val_loss=val_loss, val_ppl=val_ppl)
-            if step > 0 and (step % cfg.ckpt_every == 0 or done):
-                if not all(torch.isfinite(p).all() for p in model.parameters()):  # a finite loss, inf gradients
-                    raise diverged("the weights are not finite", step, saved, ckpt_path)
-                if master:
-                    save_checkpoint(ckpt_path, model, optimizers, step, cfg, batches.vocab_size)
-                saved = step
-        if done:
+    peak = peak_flops(device_name) if device.type == "cuda" else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    saved = start_step if resumed else None
+    losses, logged_step, train_seconds, t0 = [], start_step, 0.0, time.time()  # the steps since the last log line
+    for step in range(start_step, cfg.max_steps + 1):
+        last_step = step == cfg.max_steps
+        # evaluate and checkpoint the weights after `step` optimizer steps (a resumed run's first step was
+        # evaluated and saved before it stopped); their time is not training time
+        evaluating = (step % cfg.eval_every == 0 or last_step) and not (resumed and step == start_step)
+        saving = step > start_step and (step % cfg.ckpt_every == 0 or last_step)
+        if evaluating or saving:
+            sync()
+            train_seconds += time.time() - t0
+        if evaluating:
+            # the eager model: no recompiles for no_grad or the shorter last batch
+            val_loss, val_ppl, seconds = evaluate(model, cfg, rank, world_size, device, autocast, log)
+            log(f"step {step} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f} | eval {seconds:.1f} s",
+                event="eval", step=step, tokens=step * tokens_per_step, val_loss=val_loss, val_ppl=val_ppl,
+                eval_seconds=seconds)
+        if saving:
+            check_losses(losses, logged_step, saved, ckpt_path)
+            if not all(torch.isfinite(p).all() for p in model.parameters()):  # a finite loss, inf gradients
+                raise diverged("the weights are not finite", step, saved, ckpt_path)
+            if master:
+                save_checkpoint(ckpt_path, model, optimizers, step, cfg, batches)
+            saved = step
+        if last_step:
             break
+        if evaluating or saving:
+            t0 = time.time()
 
-        t0 = time.time()
+        # one optimizer step, from `step` to step + 1; its loss stays on the device until the next log line
         lr_mult = lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_mult
-        loss = train_step(train_model, batches, step, device, autocast, world_size > 1)
+        losses.append(train_step(train_model, batches, step, device, autocast, world_size > 1))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        loss = loss.item()  # waits for the step to finish
-        dt = time.time() - t0
-        step += 1
-        if not math.isfinite(loss):  # every rank sees the same all-reduced loss, so all stop here
-            raise diverged(f"loss is {loss}", step, saved, ckpt_path)
 
-        if step == start_step + 1:  # the optimizer state exists now
-            opt_bytes = state_bytes(optimizers)
-            log(f"optimizer state: {opt_bytes:,} bytes (AdamW's: {2 * param_bytes:,})", event="start",
-                step=start_step, config=vars(cfg), params=model.num_params(), opt_state_bytes=opt_bytes,
-                adamw_state_bytes=2 * param_bytes, world_size=world_size)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            tokens_per_s = tokens_per_step / dt
+        # log: wait for the device once per log line; tokens/s over the steps since the last one
+        if step == start_step:  # the optimizer state exists now
+            log(f"optimizer state: {state_bytes(optimizers):,} bytes (AdamW's: {2 * param_bytes:,})")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+            loss = check_losses(losses, logged_step, saved, ckpt_path)[-1]
+            train_seconds += time.time() - t0
+            tokens_per_s = (step + 1 - logged_step) * tokens_per_step / train_seconds
             mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
             peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            text = f"step {step} | loss {loss:.4f} | lr {cfg.lr * lr_mult:.2e} | {tokens_per_s:,.0f} tok/s"
+            text = f"step {step + 1} | loss {loss:.4f} | lr {cfg.lr * lr_mult:.2e} | {tokens_per_s:,.0f} tok/s"
             text += f" | mfu {mfu:.1%}" if mfu else ""
             text += f" | peak mem {peak_mem / 2**30:.2f} GiB" if peak_mem else ""
-            log(text, event="train", step=step, tokens=step * tokens_per_step, loss=loss, lr=cfg.lr * lr_mult,
-                tokens_per_s=tokens_per_s, mfu=mfu, peak_mem_bytes=peak_mem)
+            log(text, event="train", step=step + 1, tokens=(step + 1) * tokens_per_step, loss=loss,
+                lr=cfg.lr * lr_mult, tokens_per_s=tokens_per_s, mfu=mfu, peak_mem_bytes=peak_mem,
+                opt_state_bytes=state_bytes(optimizers))
+            losses, logged_step, train_seconds, t0 = [], step + 1, 0.0, time.time()
 
 
 def main(argv):
     if {"-h", "--help"} & set(argv):
-        print(__doc__ + "\nkeys and defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
+        print(__doc__ + "\nkeys, defaults and allowed values:\n" + help_text())
         return
     try:
         train(load_config(argv))

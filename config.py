@@ -1,0 +1,169 @@
+"""The run config: every key train.py reads, with its default, the values it allows and what it means, and
+the reader that builds a config from config files and --key=value arguments. train.py, compare.py, bench.py
+and the tests all read configs through load_config.
+
+A config is DEFAULTS (the recipe the SCALE paper shares across model sizes, with LLaMA-60M's shape and
+schedule), then each config file in the order given (a Python file of assignments, e.g. configs/llama_60m.py),
+then each --key=value, later ones winning. Every value is checked against its key's type and allowed values,
+so a bad config is a one-line ValueError before anything runs.
+"""
+import ast
+import difflib
+import math
+import os
+import traceback
+import types
+from types import SimpleNamespace
+
+# key: (default, allowed values, meaning). Allowed values: a range ("> 0", ">= 0", or an interval such as
+# "[0, 1)", brackets inclusive), a tuple of choices, or None (any value of the default's type).
+KEYS = {
+    # model; the vocabulary size comes from data_dir/meta.json
+    "dim": (512, "> 0", "model width"),
+    "n_layers": (8, "> 0", "transformer blocks"),
+    "n_heads": (8, "> 0", "attention heads; the head dim, dim / n_heads, must be an even integer"),
+    "ffn_dim": (1376, "> 0", "hidden width of the SwiGLU MLP"),
+    # optimizer
+    "optimizer": ("scale", ("scale", "adamw", "muon", "sgd"), "the optimizer"),
+    "lr": (1e-3, ">= 0", "peak learning rate (for Muon: of both its parts)"),
+    "adam_lr": (0.0, ">= 0", "SCALE's AdamW lr for 1-D params; 0 = lr"),
+    "momentum": (0.9, "[0, 1)", "SCALE's and SGD's momentum (Muon keeps its own 0.95)"),
+    "momentum_roles": ("output", None, "SCALE's roles with momentum, comma-separated, from output,matrix,embedding"),
+    "weight_decay": (0.0, ">= 0", "weight decay (decoupled for SCALE, AdamW and Muon)"),
+    "grad_clip": (0.0, ">= 0", "max global gradient norm; 0 = off"),
+    # schedule: linear warmup, then cosine decay to min_lr_ratio * lr at max_steps
+    "max_steps": (11000, "> 0", "optimizer steps of the run"),
+    "warmup_steps": (1100, ">= 0", "steps of linear warmup"),
+    "min_lr_ratio": (0.1, "[0, 1]", "the lr at max_steps, over the peak lr"),
+    # batch: total_batch_size sequences per optimizer step over all ranks, batch_size per rank per micro-step
+    "seq_len": (256, "> 0", "tokens per sequence"),
+    "total_batch_size": (512, "> 0", "sequences per optimizer step, over all ranks"),
+    "batch_size": (64, "> 0", "sequences per rank per micro-step; grad_accum = total_batch_size / (batch_size x ranks)"),
+    # evaluation, logging, checkpoints
+    "eval_every": (1000, "> 0", "steps between evaluations"),
+    "eval_tokens": (10_000_000, "> 0", "validation tokens per evaluation"),
+    "log_every": (10, "> 0", "steps between log lines"),
+    "ckpt_every": (1000, "> 0", "steps between checkpoints (out_dir/ckpt.pt)"),
+    "data_dir": ("data/c4", None, "prepared data (prepare_c4.py --out_dir)"),
+    "out_dir": ("out", None, "where log.jsonl and ckpt.pt go"),
+    "wandb_project": ("", None, "also log to this wandb project; empty = no wandb"),
+    # system
+    "dtype": ("bfloat16", ("float32", "bfloat16", "mixed"),
+              "bfloat16: params, grads and optimizer state in bf16 (the paper); mixed: bf16 autocast, fp32 params"),
+    "compile": (True, None, "torch.compile the model and the SCALE update"),
+    "seed": (0, "[0, 4294967295]", "seed of the initialization and the data order"),
+    "resume": (False, None, "continue from out_dir/ckpt.pt if it exists"),
+}
+DEFAULTS = {key: default for key, (default, _, _) in KEYS.items()}
+MOMENTUM_ROLES = ("output", "matrix", "embedding")
+PAPER_CONFIGS = ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")  # configs/<name>.py
+
+
+def load_config(argv):
+    """Config files and --key=value strings, in order, over DEFAULTS -> a namespace with every key.
+    Raises ValueError (one line, naming the argument or the file and line) for an unknown key, a wrong type
+    or a value outside the key's allowed values."""
+    cfg = dict(DEFAULTS)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ValueError(f"options are written --key=value, got {arg!r}")
+            set_key(cfg, key, parse_value(key, text), arg)
+        else:
+            for key, (value, line) in read_config_file(arg).items():
+                set_key(cfg, key, value, f"{arg} line {line}")
+    roles = cfg["momentum_roles"].split(",")
+    if not set(roles) <= set(MOMENTUM_ROLES) or "" in roles:
+        raise ValueError(f"momentum_roles must be comma-separated roles from {','.join(MOMENTUM_ROLES)}, "
+                         f"got {cfg['momentum_roles']!r}")
+    return SimpleNamespace(**cfg)
+
+
+def paper_config(name):
+    """The run config of configs/<name>.py, e.g. "llama_60m" (a namespace)."""
+    return load_config([os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{name}.py")])
+
+
+def read_config_file(path):
+    """A config file's assignments -> {key: (value, line number)}. A config file is Python, so it may import
+    and compute: modules, functions, classes and names starting with _ are not keys. Raises ValueError naming
+    the file (and the line) if it cannot be read or fails to run."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
+    namespace = {}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except SyntaxError as e:
+        raise ValueError(f"config file {path} line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # a config file is Python: any error in it is a bad config
+        line = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == path][-1]
+        raise ValueError(f"config file {path} line {line} fails: {type(e).__name__}: {e}") from None
+    lines = {target.id: node.lineno for node in ast.walk(ast.parse(source))
+             if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+             for target in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(target, ast.Name)}
+    return {key: (value, lines.get(key, "?")) for key, value in namespace.items()
+            if not key.startswith("_") and not isinstance(value, types.ModuleType) and not callable(value)}
+
+
+def parse_value(key, text):
+    """A command-line value: as given for string keys, else a Python literal (1e-3, 512, True)."""
+    if isinstance(DEFAULTS.get(key), str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # set_key reports the wrong type
+
+
+def set_key(cfg, key, value, source):
+    """cfg[key] = value after checking the key, the value's type and its allowed values; source names where the
+    value came from, for the error."""
+    if key not in KEYS:
+        raise ValueError(f"unknown config key {key!r} in {source}{did_you_mean(key, KEYS)}")
+    default, allowed, _ = KEYS[key]
+    want = type(default)
+    if want is float and type(value) is int:
+        value = float(value)
+    if type(value) is not want:
+        raise ValueError(f"{key} must be of type {want.__name__}, got {value!r} in {source}")
+    if isinstance(allowed, tuple) and value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r} in {source}"
+                         f"{did_you_mean(value, allowed)}")
+    if isinstance(allowed, str) and not in_range(value, allowed):
+        raise ValueError(f"{key} must be {allowed}, got {value!r} in {source}")
+    cfg[key] = value
+
+
+def in_range(value, allowed):
+    """Whether a finite number lies in allowed: "> a", ">= a", or an interval "[a, b)" (brackets inclusive)."""
+    if not math.isfinite(value):
+        return False
+    if allowed.startswith(">="):
+        return value >= float(allowed[2:])
+    if allowed.startswith(">"):
+        return value > float(allowed[1:])
+    low, high = (float(bound) for bound in allowed[1:-1].split(","))
+    return (low <= value if allowed[0] == "[" else low < value) and (value <= high if allowed[-1] == "]" else value < high)
+
+
+def did_you_mean(word, options):
+    close = difflib.get_close_matches(word, options)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def help_text():
+    """Every key as --key=default, what it means and its allowed values, in DEFAULTS order."""
+    rows = []
+    for key, (default, allowed, meaning) in KEYS.items():
+        if isinstance(allowed, tuple):
+            allowed = "one of " + ", ".join(allowed)
+        elif allowed:
+            allowed = allowed if allowed.startswith(">") else "in " + allowed
+        else:
+            allowed = "a " + type(default).__name__
+        rows.append(f"  {f'--{key}={default!r}':28s} {meaning}; {allowed}")
+    return "\n".join(rows)
