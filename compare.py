@@ -2,26 +2,31 @@
 Compare optimizers on one config, and print the paper's memory table.
 
     python compare.py configs/tiny.py --optimizers scale,adamw,muon --lr adamw=3e-3 -- --max_steps=200
+    python compare.py configs/tiny.py --optimizers scale,adamw --seeds 0,1,2
     python compare.py --memory
 
-Each optimizer runs `train.py` as its own process, in sequence, into out_dir/<optimizer>; then a
-markdown table (results.md) and, if matplotlib is installed, two plots are written to out_dir:
-val loss against tokens, and perplexity against model + optimizer memory (the paper's Figure 1).
-Arguments after `--` go to every train.py run unchanged (use --launcher for torchrun).
+Each optimizer runs `train.py` as its own process, in sequence, into out_dir/<optimizer> (with --seeds, one
+run per seed into out_dir/<optimizer>/seed<s>); then a markdown table (results.md) and, if matplotlib is
+installed, two plots are written to out_dir: val loss against tokens, and perplexity against model +
+optimizer memory (the paper's Figure 1). Arguments after `--` go to every train.py run unchanged (use
+--launcher for torchrun). Every run's config and data are checked before the first one starts.
 """
 import argparse
 import json
+import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 
 import torch
 
+import train
+from config import KEYS, PAPER_CONFIGS, load_config, paper_config
 from model import LLaMA, LLaMAConfig
 from scale import scale_param_groups
 
-PAPER_CONFIGS = ["llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b"]
 
 
 # -----------------------------------------------------------------------------
@@ -44,17 +49,10 @@ def state_numel(model, optimizer):
     raise ValueError(f"unknown optimizer {optimizer!r}: use scale, adamw, muon or sgd")
 
 
-def read_config(path):
-    cfg = {}
-    with open(path) as f:
-        exec(f.read(), {}, cfg)
-    return cfg
-
-
 def meta_model(cfg, vocab_size):
+    """The model of a run config (a namespace from config.load_config), on the meta device."""
     with torch.device("meta"):
-        return LLaMA(LLaMAConfig(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
-                                 ffn_dim=cfg["ffn_dim"], vocab_size=vocab_size))
+        return LLaMA(LLaMAConfig.from_config(vars(cfg), vocab_size))
 
 
 def memory_gb(cfg, optimizer, vocab_size=32000):
@@ -69,10 +67,9 @@ PAPER_GB = {"scale": dict(llama_60m=0.15, llama_130m=0.32, llama_350m=0.80, llam
 
 
 def memory_table(vocab_size=32000, optimizers=("scale", "adamw", "muon", "sgd")):
-    here = os.path.dirname(os.path.abspath(__file__))
     rows = ["| model | params | " + " | ".join(optimizers) + " |", "|---" * (len(optimizers) + 2) + "|"]
     for name in PAPER_CONFIGS:
-        cfg = read_config(os.path.join(here, "configs", f"{name}.py"))
+        cfg = paper_config(name)
         n = meta_model(cfg, vocab_size).num_params()
         cells = []
         for o in optimizers:
@@ -86,12 +83,26 @@ def memory_table(vocab_size=32000, optimizers=("scale", "adamw", "muon", "sgd"))
 # -----------------------------------------------------------------------------
 # runs
 
-def run_one(args, optimizer, lr):
-    out_dir = os.path.join(args.out_dir, optimizer)
-    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    cmd = shlex.split(args.launcher) + [train_py, args.config, f"--optimizer={optimizer}", f"--out_dir={out_dir}"]
-    cmd += [f"--lr={lr}"] if lr else []
-    cmd += args.train_args
+def run_args(args, optimizer, lr, seed):
+    """The train.py arguments of one run: the config, the optimizer, its out_dir, lr and seed, then `--` args."""
+    out_dir = os.path.join(args.out_dir, optimizer, *([f"seed{seed}"] if args.seeds else []))
+    return ([args.config, f"--optimizer={optimizer}", f"--out_dir={out_dir}"] + ([f"--lr={lr}"] if lr else [])
+            + ([f"--seed={seed}"] if args.seeds else []) + args.train_args), out_dir
+
+
+def check_runs(args, lrs):
+    """Every run's config and data, checked before the first one starts (as train.py would, on one process)."""
+    if set(lrs) - set(args.optimizers):
+        raise ValueError(f"--lr names {', '.join(sorted(set(lrs) - set(args.optimizers)))}, which --optimizers "
+                         f"does not run; give an lr for one of {', '.join(args.optimizers)}")
+    for optimizer in args.optimizers:
+        for seed in args.seeds or [None]:
+            train.check_inputs(load_config(run_args(args, optimizer, lrs.get(optimizer), seed)[0]))
+
+
+def run_one(args, optimizer, lr, seed):
+    argv, out_dir = run_args(args, optimizer, lr, seed)
+    cmd = shlex.split(args.launcher) + [os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *argv]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)  # from the caller's directory, like running train.py by hand
     return read_log(os.path.join(out_dir, "log.jsonl"))
@@ -102,25 +113,50 @@ def read_log(path):
     return {event: [r for r in records if r["event"] == event] for event in ("start", "train", "eval")}
 
 
-def summarize(optimizer, log):
-    start, final = log["start"][-1], log["eval"][-1]
-    speeds = sorted(r["tokens_per_s"] for r in log["train"][1:] or log["train"])
-    peaks = [r["peak_mem_bytes"] for r in log["train"] if r["peak_mem_bytes"] is not None]
-    param_bytes = start["adamw_state_bytes"] // 2
-    return dict(optimizer=optimizer, lr=start["config"]["lr"], val_loss=final["val_loss"], val_ppl=final["val_ppl"],
-                tokens_per_s=speeds[len(speeds) // 2], state_bytes=start["opt_state_bytes"],
-                memory_bytes=param_bytes + start["opt_state_bytes"], peak_mem_bytes=max(peaks) if peaks else None)
+def summarize(optimizer, logs):
+    """One optimizer's runs (one log per seed) -> its table row. tokens/s is the median over the runs' log
+    intervals (each the tokens between two log lines over the training time between them), the first interval
+    of each run (compilation, warmup) aside when it has more."""
+    finals = [log["eval"][-1]["val_loss"] for log in logs]
+    speeds = sorted(r["tokens_per_s"] for log in logs for r in log["train"][1:] or log["train"])
+    peaks = [r["peak_mem_bytes"] for log in logs for r in log["train"] if r["peak_mem_bytes"] is not None]
+    start, state_bytes = logs[0]["start"][-1], logs[0]["train"][-1]["opt_state_bytes"]
+    mean = statistics.mean(finals)
+    return dict(optimizer=optimizer, lr=start["config"]["lr"], val_loss=mean, val_ppl=math.exp(mean), val_losses=finals,
+                val_loss_std=statistics.stdev(finals) if len(finals) > 1 else None,
+                tokens_per_s=statistics.median(speeds), state_bytes=state_bytes,
+                memory_bytes=start["param_bytes"] + state_bytes, peak_mem_bytes=max(peaks) if peaks else None)
 
 
 def markdown(rows):
-    lines = ["| optimizer | lr | val loss | val ppl | tokens/s | optimizer state | params + state | peak memory |",
+    seeds = len(rows[0]["val_losses"])
+    loss_head = f"val loss (mean ± std, {seeds} seeds)" if seeds > 1 else "val loss"
+    lines = [f"| optimizer | lr | {loss_head} | val ppl | tokens/s | optimizer state | params + state | peak memory |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if r["peak_mem_bytes"] else "n/a"
-        lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
+        loss = f"{r['val_loss']:.4f}" + (f" ± {r['val_loss_std']:.4f}" if r["val_loss_std"] is not None else "")
+        lines.append(f"| {r['optimizer']} | {r['lr']:g} | {loss} | {r['val_ppl']:.2f} | "
                      f"{r['tokens_per_s']:,.0f} | {r['state_bytes'] / 2**20:,.2f} MiB | "
                      f"{r['memory_bytes'] / 2**20:,.2f} MiB | {peak} |")
     return "\n".join(lines)
+
+
+def seed_noise(rows):
+    """Lines comparing the best optimizer (lowest mean val loss) with each other one: the difference of the mean
+    final val losses, and whether it is within seed noise, i.e. under 2 standard errors of that difference
+    (sqrt(s_a^2/n_a + s_b^2/n_b), from the seeds' sample standard deviations)."""
+    if len(rows[0]["val_losses"]) < 2:
+        return ["One seed per optimizer: run with --seeds 0,1,2 to tell a difference from seed noise."]
+    best, *others = sorted(rows, key=lambda r: r["val_loss"])
+    lines = []
+    for r in others:
+        diff = r["val_loss"] - best["val_loss"]
+        se = math.sqrt(best["val_loss_std"] ** 2 / len(best["val_losses"]) + r["val_loss_std"] ** 2 / len(r["val_losses"]))
+        verdict = "within seed noise" if diff < 2 * se else "beyond seed noise"
+        lines.append(f"{best['optimizer']} is {diff:.4f} below {r['optimizer']} in val loss, {verdict} "
+                     f"(2 standard errors: {2 * se:.4f})")
+    return lines
 
 
 def plot(logs, rows, out_dir):
@@ -132,8 +168,14 @@ def plot(logs, rows, out_dir):
         print("matplotlib is not installed: skipping plots (pip install matplotlib)")
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for optimizer, log in logs.items():
-        ax1.plot([r["tokens"] for r in log["eval"]], [r["val_loss"] for r in log["eval"]], marker=".", label=optimizer)
+    for optimizer, runs in logs.items():  # the mean over seeds, and a band of one standard deviation
+        tokens = [r["tokens"] for r in runs[0]["eval"]]
+        losses = list(zip(*([r["val_loss"] for r in log["eval"]] for log in runs)))
+        mean = [statistics.mean(ls) for ls in losses]
+        ax1.plot(tokens, mean, marker=".", label=optimizer)
+        if len(runs) > 1:
+            std = [statistics.stdev(ls) for ls in losses]
+            ax1.fill_between(tokens, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.25)
     ax1.set(xlabel="tokens", ylabel="val loss", title="validation loss")
     for r in rows:
         ax2.scatter(r["memory_bytes"] / 2**20, r["val_ppl"], s=60)
@@ -146,13 +188,25 @@ def plot(logs, rows, out_dir):
 
 
 def parse_lrs(pairs):
+    """["adamw=3e-3", ...] -> {"adamw": 0.003, ...}; train.py checks each value's range."""
     lrs = {}
     for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--lr takes optimizer=value, got {pair!r}")
-        lrs[name] = float(value)
+        name, _, value = pair.partition("=")
+        try:
+            lrs[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--lr takes optimizer=value, e.g. adamw=3e-3, got {pair!r}") from None
     return lrs
+
+
+def parse_list(text, what, convert=str):
+    try:
+        items = [convert(item) for item in text.split(",")]
+    except ValueError:
+        items = []
+    if not items or len(set(items)) < len(items):
+        raise ValueError(f"{what} takes a comma-separated list without repeats, got {text!r}")
+    return items
 
 
 def main(argv=None):
@@ -163,6 +217,8 @@ def main(argv=None):
     p.add_argument("config", nargs="?", help="a config file, e.g. configs/tiny.py")
     p.add_argument("--optimizers", default="scale,adamw,muon")
     p.add_argument("--lr", nargs="*", default=[], help="per-optimizer lr, e.g. adamw=3e-3 muon=0.02")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: each optimizer runs once per seed "
+                                   "(default: once, with the config's seed)")
     p.add_argument("--out_dir", default="out/compare")
     p.add_argument("--launcher", default=sys.executable, help='e.g. "torchrun --standalone --nproc_per_node=8"')
     p.add_argument("--memory", action="store_true", help="print the paper's memory table and exit")
@@ -174,15 +230,20 @@ def main(argv=None):
         return
     if not args.config:
         raise ValueError("give a config file (e.g. configs/tiny.py) or --memory")
+    args.optimizers = parse_list(args.optimizers, "--optimizers")
+    for optimizer in args.optimizers:
+        if optimizer not in KEYS["optimizer"][1]:
+            raise ValueError(f"unknown optimizer {optimizer!r} in --optimizers; use {', '.join(KEYS['optimizer'][1])}")
+    args.seeds = parse_list(args.seeds, "--seeds", int) if args.seeds else None
     lrs = parse_lrs(args.lr)
-    optimizers = args.optimizers.split(",")
-    logs = {o: run_one(args, o, lrs.get(o)) for o in optimizers}
-    rows = [summarize(o, logs[o]) for o in optimizers]
-    table = markdown(rows)
+    check_runs(args, lrs)
+    logs = {o: [run_one(args, o, lrs.get(o), seed) for seed in args.seeds or [None]] for o in args.optimizers}
+    rows = [summarize(o, logs[o]) for o in args.optimizers]
+    report = markdown(rows) + "\n\n" + "\n".join(seed_noise(rows))
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+        f.write(report + "\n")
+    print(report)
     plot(logs, rows, args.out_dir)
 
 

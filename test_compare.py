@@ -1,16 +1,20 @@
-"""compare.py: the paper's memory estimate, 2 bytes x (parameters + optimizer-state elements)."""
+"""compare.py: the paper's memory estimate, 2 bytes x (parameters + optimizer-state elements), the runs, seeds
+and their table, and bad input."""
+import math
 import os
+import statistics
 
 import pytest
 
 import compare
+from config import load_config
 
 SIZES = compare.PAPER_CONFIGS
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def gb(name, optimizer, vocab_size):
-    return round(compare.memory_gb(compare.read_config(os.path.join(HERE, "configs", f"{name}.py")), optimizer, vocab_size), 2)
+    return round(compare.memory_gb(compare.paper_config(name), optimizer, vocab_size), 2)
 
 
 def test_scale_memory_matches_the_paper():
@@ -25,7 +29,7 @@ def test_adamw_memory_matches_the_paper_up_to_its_vocab():
 
 
 def test_state_elements_per_optimizer():
-    model = compare.meta_model(dict(dim=64, n_layers=2, n_heads=4, ffn_dim=128), vocab_size=100)
+    model = compare.meta_model(load_config(["--dim=64", "--n_layers=2", "--n_heads=4", "--ffn_dim=128"]), vocab_size=100)
     n = model.num_params()
     vectors = (2 * 2 + 1) * 64
     hidden = n - 2 * 100 * 64 - vectors
@@ -37,15 +41,73 @@ def test_state_elements_per_optimizer():
         compare.state_numel(model, "lion")
 
 
+TINY = dict(dim=32, n_layers=1, n_heads=2, ffn_dim=64, seq_len=32, total_batch_size=4, batch_size=4, max_steps=4,
+            warmup_steps=1, eval_every=2, eval_tokens=1024, log_every=1)
+
+
+def tiny_args(data, **overrides):
+    return [f"--{k}={v}" for k, v in {**TINY, "data_dir": data, **overrides}.items()]
+
+
+def table_rows(path):
+    return [line.split(" | ") for line in path.read_text().splitlines()[2:] if line.startswith("| ")]
+
+
 @pytest.mark.slow
 def test_runs_each_optimizer_and_tabulates_its_log(byte_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths are the caller's, as for train.py
-    overrides = dict(dim=32, n_layers=1, n_heads=2, ffn_dim=64, seq_len=32, total_batch_size=4, batch_size=4,
-                     max_steps=4, warmup_steps=1, eval_every=2, eval_tokens=1024, log_every=1, data_dir=byte_data)
     compare.main([os.path.join(HERE, "configs", "tiny.py"), "--optimizers", "scale,sgd", "--lr", "sgd=0.1",
-                  "--out_dir", "cmp", "--", *(f"--{k}={v}" for k, v in overrides.items())])
-    rows = (tmp_path / "cmp" / "results.md").read_text().splitlines()[2:]
-    assert [r.split(" | ")[:2] for r in rows] == [["| scale", "0.003"], ["| sgd", "0.1"]]
+                  "--out_dir", "cmp", "--", *tiny_args(byte_data)])
+    rows = table_rows(tmp_path / "cmp" / "results.md")
+    assert [r[:2] for r in rows] == [["| scale", "0.003"], ["| sgd", "0.1"]]
     for row, optimizer in zip(rows, ("scale", "sgd")):
         log = compare.read_log(tmp_path / "cmp" / optimizer / "log.jsonl")
-        assert row.split(" | ")[2] == f"{log['eval'][-1]['val_loss']:.4f}" and log["eval"][-1]["step"] == 4
+        assert row[2] == f"{log['eval'][-1]['val_loss']:.4f}" and log["eval"][-1]["step"] == 4
+        speeds = sorted(r["tokens_per_s"] for r in log["train"][1:])  # the first interval (warmup) aside
+        assert len(speeds) == 3 and row[4] == f"{speeds[1]:,.0f}"
+    assert "One seed per optimizer" in (tmp_path / "cmp" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_seeds_give_mean_std_and_a_noise_verdict(byte_data, tmp_path):
+    out = tmp_path / "cmp"
+    compare.main([os.path.join(HERE, "configs", "tiny.py"), "--optimizers", "scale,adamw", "--seeds", "0,1",
+                  "--out_dir", str(out), "--", *tiny_args(byte_data)])
+    text = (out / "results.md").read_text()
+    assert "val loss (mean ± std, 2 seeds)" in text
+    finals = {}
+    for row in table_rows(out / "results.md"):
+        optimizer = row[0][2:]
+        logs = [compare.read_log(out / optimizer / f"seed{s}" / "log.jsonl") for s in (0, 1)]
+        assert [log["start"][-1]["config"]["seed"] for log in logs] == [0, 1]
+        finals[optimizer] = [log["eval"][-1]["val_loss"] for log in logs]
+        assert finals[optimizer][0] != finals[optimizer][1]
+        mean, std = statistics.mean(finals[optimizer]), statistics.stdev(finals[optimizer])
+        assert row[2] == f"{mean:.4f} ± {std:.4f}" and row[3] == f"{math.exp(mean):.2f}"
+    (best, a), (other, b) = sorted(finals.items(), key=lambda kv: statistics.mean(kv[1]))
+    diff = statistics.mean(b) - statistics.mean(a)
+    two_se = 2 * math.sqrt(statistics.variance(a) / 2 + statistics.variance(b) / 2)
+    verdict = "within" if diff < two_se else "beyond"
+    assert f"{best} is {diff:.4f} below {other} in val loss, {verdict} seed noise (2 standard errors: {two_se:.4f})" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--optimizers", "scale,adma"], "unknown optimizer 'adma' in --optimizers; use scale, adamw, muon, sgd"),
+    (["--optimizers", "scale,scale"], "--optimizers takes a comma-separated list without repeats, got 'scale,scale'"),
+    (["--seeds", "0,one"], "--seeds takes a comma-separated list without repeats, got '0,one'"),
+    (["--lr", "adamw=fast"], "--lr takes optimizer=value, e.g. adamw=3e-3, got 'adamw=fast'"),
+    (["--lr", "lion=1e-3"], "--lr names lion, which --optimizers does not run; give an lr for one of scale, adamw"),
+    (["--lr", "adamw=-1"], "lr must be >= 0, got -1.0 in --lr=-1.0"),
+    (["--", "--max_step=3"], "unknown config key 'max_step' in --max_step=3; did you mean max_steps"),
+    (["--", "--data_dir=no/such/dir"], "data dir no/such/dir does not exist"),
+    (["--", "--seq_len=100000"], "the train split of"),
+])
+def test_bad_input_fails_before_any_run(byte_data, tmp_path, monkeypatch, argv, message):
+    ran = []
+    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: ran.append(a))
+    cut = argv.index("--") if "--" in argv else len(argv)
+    with pytest.raises(ValueError) as e:
+        compare.main([os.path.join(HERE, "configs", "tiny.py"), "--optimizers", "scale,adamw", *argv[:cut],
+                      "--out_dir", str(tmp_path / "cmp"), "--", *tiny_args(byte_data), *argv[cut + 1:]])
+    assert str(e.value).startswith(message), str(e.value)
+    assert not ran and not (tmp_path / "cmp").exists()
