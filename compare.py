@@ -152,7 +152,7 @@ def seed_noise(rows):
     lines = []
     for r in others:
         diff = r["val_loss"] - best["val_loss"]
-        se = math.sqrt(best["val_loss_std"] ** 2 / len(best["val_losses"]) + r["val_loss_std"] ** 2 / len(r["val_losses"]))
+        se = math.sqrt(sum(x["val_loss_std"] ** 2 / len(x["val_losses"]) for x in (best, r)))
         verdict = "within seed noise" if diff < 2 * se else "beyond seed noise"
         lines.append(f"{best['optimizer']} is {diff:.4f} below {r['optimizer']} in val loss, {verdict} "
                      f"(2 standard errors: {2 * se:.4f})")
@@ -179,7 +179,8 @@ def plot(logs, rows, out_dir):
     ax1.set(xlabel="tokens", ylabel="val loss", title="validation loss")
     for r in rows:
         ax2.scatter(r["memory_bytes"] / 2**20, r["val_ppl"], s=60)
-        ax2.annotate(r["optimizer"], (r["memory_bytes"] / 2**20, r["val_ppl"]), textcoords="offset points", xytext=(6, 4))
+        ax2.annotate(r["optimizer"], (r["memory_bytes"] / 2**20, r["val_ppl"]), textcoords="offset points",
+                     xytext=(6, 4))
     ax2.set(xlabel="parameters + optimizer state (MiB)", ylabel="val perplexity", title="perplexity vs memory")
     ax1.legend()
     fig.tight_layout()

@@ -38,7 +38,7 @@ KEYS = {
     # batch: total_batch_size sequences per optimizer step over all ranks, batch_size per rank per micro-step
     "seq_len": (256, "> 0", "tokens per sequence"),
     "total_batch_size": (512, "> 0", "sequences per optimizer step, over all ranks"),
-    "batch_size": (64, "> 0", "sequences per rank per micro-step; grad_accum = total_batch_size / (batch_size x ranks)"),
+    "batch_size": (64, "> 0", "sequences per rank per micro-step (grad_accum makes up total_batch_size)"),
     # evaluation, logging, checkpoints
     "eval_every": (1000, "> 0", "steps between evaluations"),
     "eval_tokens": (10_000_000, "> 0", "validation tokens per evaluation"),
@@ -52,7 +52,8 @@ KEYS = {
               "bfloat16: params, grads and optimizer state in bf16 (the paper); mixed: bf16 autocast, fp32 params"),
     "compile": (True, None, "torch.compile the model and the SCALE update"),
     "seed": (0, "[0, 4294967295]", "seed of the initialization and the data order"),
-    "resume": (False, None, "continue from out_dir/ckpt.pt if it exists"),
+    "resume": (False, None, "continue the run in out_dir from its checkpoint (start it if there is none yet)"),
+    "overwrite": (False, None, "start over in an out_dir that holds another run, deleting its checkpoints and log"),
 }
 DEFAULTS = {key: default for key, (default, _, _) in KEYS.items()}
 MOMENTUM_ROLES = ("output", "matrix", "embedding")
@@ -77,6 +78,8 @@ def load_config(argv):
     if not set(roles) <= set(MOMENTUM_ROLES) or "" in roles:
         raise ValueError(f"momentum_roles must be comma-separated roles from {','.join(MOMENTUM_ROLES)}, "
                          f"got {cfg['momentum_roles']!r}")
+    if cfg["resume"] and cfg["overwrite"]:
+        raise ValueError("resume=True continues the run in out_dir and overwrite=True deletes it: set one of them")
     return SimpleNamespace(**cfg)
 
 
@@ -131,10 +134,10 @@ def set_key(cfg, key, value, source):
     if type(value) is not want:
         raise ValueError(f"{key} must be of type {want.__name__}, got {value!r} in {source}")
     if isinstance(allowed, tuple) and value not in allowed:
-        raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r} in {source}"
+        raise ValueError(f"{key} must be {in_words(default, allowed)}, got {value!r} in {source}"
                          f"{did_you_mean(value, allowed)}")
     if isinstance(allowed, str) and not in_range(value, allowed):
-        raise ValueError(f"{key} must be {allowed}, got {value!r} in {source}")
+        raise ValueError(f"{key} must be {in_words(default, allowed)}, got {value!r} in {source}")
     cfg[key] = value
 
 
@@ -147,7 +150,17 @@ def in_range(value, allowed):
     if allowed.startswith(">"):
         return value > float(allowed[1:])
     low, high = (float(bound) for bound in allowed[1:-1].split(","))
-    return (low <= value if allowed[0] == "[" else low < value) and (value <= high if allowed[-1] == "]" else value < high)
+    above = low <= value if allowed[0] == "[" else low < value
+    return above and (value <= high if allowed[-1] == "]" else value < high)
+
+
+def in_words(default, allowed):
+    """A key's allowed values in words: "one of a, b", "> 0", "in [0, 1)", or "a bool" (any of its type)."""
+    if isinstance(allowed, tuple):
+        return "one of " + ", ".join(allowed)
+    if allowed:
+        return allowed if allowed.startswith(">") else "in " + allowed
+    return "a " + type(default).__name__
 
 
 def did_you_mean(word, options):
@@ -157,13 +170,5 @@ def did_you_mean(word, options):
 
 def help_text():
     """Every key as --key=default, what it means and its allowed values, in DEFAULTS order."""
-    rows = []
-    for key, (default, allowed, meaning) in KEYS.items():
-        if isinstance(allowed, tuple):
-            allowed = "one of " + ", ".join(allowed)
-        elif allowed:
-            allowed = allowed if allowed.startswith(">") else "in " + allowed
-        else:
-            allowed = "a " + type(default).__name__
-        rows.append(f"  {f'--{key}={default!r}':28s} {meaning}; {allowed}")
-    return "\n".join(rows)
+    return "\n".join(f"  {f'--{key}={default!r}':28s} {meaning}; {in_words(default, allowed)}"
+                     for key, (default, allowed, meaning) in KEYS.items())

@@ -25,13 +25,16 @@ def token_dtype(vocab_size):
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def write_atomic(path, write):
-    """write(f) into path + '.tmp', fsync, then rename over path."""
+def write_atomic(path, write, previous=None):
+    """write(f) into path + '.tmp', fsync, then rename over path; with previous, the file at path (if any) is
+    first renamed to previous, so it is kept."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
+    if previous and os.path.exists(path):
+        os.replace(path, previous)
     os.replace(tmp, path)
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 import compare
 import train
+from config import DEFAULTS
 from model import LLaMA, LLaMAConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,6 +92,9 @@ def scale_run(byte_data, tmp_path_factory):
     (dict(lr="fast"), "error: lr must be of type float, got 'fast' in --lr=fast"),
     (dict(total_batch_size=10), "error: total_batch_size 10 is not divisible by batch_size*world_size = 4*1"),
     (dict(data_dir="no/such/dir"), "error: data dir no/such/dir does not exist"),
+    (dict(warmup_steps=-5), "error: warmup_steps must be >= 0, got -5 in --warmup_steps=-5"),
+    (dict(optimizer="sgd", momentum=1.5), "error: momentum must be in [0, 1), got 1.5 in --momentum=1.5"),
+    (dict(resume=True, overwrite=True), "error: resume=True continues the run in out_dir and overwrite=True deletes it"),
 ])
 def test_bad_input_is_one_line(byte_data, tmp_path, overrides, message):
     p = run_subprocess(tiny_args(byte_data, str(tmp_path), **overrides))
@@ -218,22 +223,151 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(byte_data, tmp_path, ck
     assert not os.path.exists(tmp_path / "ckpt.pt.tmp")
 
 
-def test_resume_refuses_another_model_or_vocab(scale_run, byte_data, tmp_path):
-    def resume_error(out, **overrides):
-        with pytest.raises(SystemExit) as e:
-            train.main(tiny_args(byte_data, out, resume=True, max_steps=40, **overrides))
-        return e.value.code
+def copy_run(run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(run, out)
+    return out
 
-    message = f"error: {scale_run}/ckpt.pt was saved with dim=32, the config says 64; resume with the same dim or"
-    assert resume_error(scale_run, dim=64, n_heads=4) == message + " set resume=False"
-    assert resume_error(scale_run, batch_size=3).startswith(
-        "error: total_batch_size 8 is not divisible by batch_size*world_size = 3*1")
-    ckpt = load_ckpt(scale_run)
+
+def dir_bytes(out):
+    return {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))}
+
+
+def exit_message(argv):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    return e.value.code
+
+
+def test_checkpoints_keep_the_previous_one(scale_run):
+    assert sorted(os.listdir(scale_run)) == [".lock", "ckpt.pt", "ckpt_prev.pt", "log.jsonl"]
+    assert load_ckpt(scale_run)["step"] == 30
+    assert torch.load(os.path.join(scale_run, "ckpt_prev.pt"), weights_only=True)["step"] == 20
+
+
+@pytest.mark.parametrize("key,value", [("dim", 64), ("n_layers", 3), ("n_heads", 4), ("ffn_dim", 96),
+                                       ("optimizer", "adamw"), ("momentum_roles", "output,matrix"),
+                                       ("dtype", "bfloat16"), ("seq_len", 16), ("total_batch_size", 16), ("seed", 1)])
+def test_resume_refuses_to_change_what_it_keeps(scale_run, byte_data, tmp_path, key, value):
+    out = copy_run(scale_run, tmp_path)
+    before = dir_bytes(out)
+    saved = TINY[key] if key in TINY else DEFAULTS[key]
+    assert exit_message(tiny_args(byte_data, out, resume=True, max_steps=40, **{key: value})) == (
+        f"error: {out}/ckpt.pt was saved with {key}={saved!r}, the config says {value!r}; a resumed run keeps {key}: "
+        f"resume with --{key}={saved!r}, or start a new run with another --out_dir (or --overwrite=True, which "
+        "deletes this one)")
+    assert dir_bytes(out) == before
+
+
+def test_resume_refuses_another_vocab_or_fewer_steps(scale_run, byte_data, tmp_path):
+    out = copy_run(scale_run, tmp_path)
+    assert exit_message(tiny_args(byte_data, out, resume=True, max_steps=20)) == (
+        f"error: {out}/ckpt.pt is at step 30, beyond max_steps=20; resume with --max_steps=30 or more")
+    ckpt = load_ckpt(out)
     ckpt["vocab_size"] = 50257
-    os.makedirs(tmp_path / "gpt2")
-    torch.save(ckpt, tmp_path / "gpt2" / "ckpt.pt")
-    assert resume_error(str(tmp_path / "gpt2")).startswith(
-        f"error: {tmp_path}/gpt2/ckpt.pt has a vocabulary of 50257 but {byte_data} has 257")
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    assert exit_message(tiny_args(byte_data, out, resume=True, max_steps=40)) == (
+        f"error: {out}/ckpt.pt has a vocabulary of 50257 but {byte_data} has 257; resume on the data it was trained "
+        "on, or start a new run with another --out_dir")
+
+
+def test_resume_applies_new_hyperparameters_and_logs_what_it_ran(byte_data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(tiny_args(byte_data, out, lr=1e-2, max_steps=10, resume=True))
+    capsys.readouterr()
+    new = dict(lr=1e-3, max_steps=20, momentum=0.8, weight_decay=0.1, adam_lr=0.05, batch_size=2, log_every=2)
+    train.main(tiny_args(byte_data, out, resume=True, **new))
+    printed = capsys.readouterr().out
+    lr_then, lr_now = 1e-2 * train.lr_factor(10, 3, 10, 0.1), 1e-3 * train.lr_factor(10, 3, 20, 0.1)
+    assert (f"resuming from {out}/ckpt.pt at step 10; changed since the checkpoint: lr 0.01 -> 0.001, adam_lr 0.02 -> "
+            "0.05, momentum 0.9 -> 0.8, weight_decay 0.0 -> 0.1, max_steps 10 -> 20, batch_size 4 -> 2, log_every 1 -> 2 "
+            f"(the lr schedule is recomputed: step 11 runs at lr {lr_now:.3g}, was {lr_then:.3g})\n") in printed
+    records = read_log(out)
+    (resume,) = [r for r in records if r["event"] == "resume"]
+    assert resume["step"] == 10 and resume["changed"]["lr"] == [1e-2, 1e-3]
+    logged = {r["step"]: r["lr"] for r in records if r["event"] == "train" and r["step"] > 10}
+    assert logged == pytest.approx({s + 1: 1e-3 * train.lr_factor(s, 3, 20, 0.1) for s in range(11, 20, 2)}, rel=1e-12)
+    ckpt = load_ckpt(out)
+    assert ckpt["config"]["lr"] == 1e-3 and ckpt["step"] == 20
+    for group in ckpt["optimizers"][0]["param_groups"]:  # what the optimizer ran with
+        assert (group["initial_lr"], group["lr0"], group["adam_lr"]) == (1e-3, 1e-3, 0.05)
+        assert (group["momentum"], group["weight_decay"]) == (0.8, 0.1)
+        assert group["lr"] == pytest.approx(logged[20], rel=1e-12)
+
+
+def test_resume_of_a_finished_run_says_so(scale_run, byte_data, tmp_path, capsys):
+    out = copy_run(scale_run, tmp_path)
+    before = dir_bytes(out)
+    train.main(tiny_args(byte_data, out, resume=True))
+    assert capsys.readouterr().out.endswith(
+        f"{out}/ckpt.pt is at step 30 = max_steps: the run is finished; raise --max_steps to train it further\n")
+    assert dir_bytes(out) == before
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(data_dir="no/such/dir"), dict(n_heads=3)])
+def test_rerun_without_resume_keeps_the_previous_run(scale_run, byte_data, tmp_path, overrides):
+    out = copy_run(scale_run, tmp_path)
+    before = dir_bytes(out)
+    message = exit_message(tiny_args(byte_data, out, max_steps=5, **overrides))
+    if not overrides:
+        assert message == (f"error: {out} holds another run (ckpt.pt, ckpt_prev.pt, log.jsonl); continue it with "
+                           "--resume=True, delete it and start over with --overwrite=True, or use another --out_dir")
+    assert dir_bytes(out) == before
+
+
+def test_overwrite_starts_over(scale_run, byte_data, tmp_path, capsys):
+    out = copy_run(scale_run, tmp_path)
+    train.main(tiny_args(byte_data, out, max_steps=5, overwrite=True))
+    assert f"overwrite=True: deleted the previous run's ckpt.pt, ckpt_prev.pt, log.jsonl in {out}\n" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "log.jsonl"] and load_ckpt(out)["step"] == 5
+    assert events(read_log(out), "train", "step") == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_same_out_dir_is_refused(byte_data, tmp_path):
+    out = str(tmp_path / "run")
+    first = subprocess.Popen([sys.executable, "train.py", *tiny_args(byte_data, out, max_steps=100000)], cwd=HERE,
+                             stdout=subprocess.DEVNULL)
+    try:
+        log = tmp_path / "run" / "log.jsonl"
+        while first.poll() is None and not (log.exists() and '"event": "train"' in log.read_text()):
+            time.sleep(0.01)
+        for flag in ("resume", "overwrite"):
+            second = run_subprocess(tiny_args(byte_data, out, max_steps=5, **{flag: True}))
+            assert second.returncode == 1 and second.stderr == (
+                f"error: another run is writing to {out} (it holds {out}/.lock); wait for it to end or stop it, or use "
+                "another --out_dir\n")
+        assert first.poll() is None and '"overwrite": true' not in log.read_text()
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not a checkpoint"])
+def test_damaged_checkpoint_is_one_line_and_the_previous_one_resumes(scale_run, byte_data, tmp_path, damage):
+    out = copy_run(scale_run, tmp_path)
+    path = os.path.join(out, "ckpt.pt")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write({"truncated": data[:-1000], "empty": b"", "not a checkpoint": b"hello\n" * 100}[damage])
+    p = run_subprocess(tiny_args(byte_data, out, resume=True, max_steps=40))
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith(f"error: {path} is damaged and cannot be read (")
+    assert p.stderr.endswith(f"); move it away and re-run to resume from the previous checkpoint, {out}/ckpt_prev.pt\n")
+    os.rename(path, path + ".damaged")
+    p = run_subprocess(tiny_args(byte_data, out, resume=True, max_steps=40))
+    assert p.returncode == 0, p.stderr
+    assert f"resuming from {out}/ckpt_prev.pt at step 20; changed since the checkpoint: max_steps 30 -> 40" in p.stdout
+    assert load_ckpt(out)["step"] == 40 and events(read_log(out), "eval", "step") == [0, 10, 20, 30, 40]
+
+
+def test_no_previous_checkpoint_to_fall_back_on(scale_run, byte_data, tmp_path):
+    out = copy_run(scale_run, tmp_path)
+    os.remove(os.path.join(out, "ckpt.pt"))
+    open(os.path.join(out, "ckpt_prev.pt"), "wb").close()
+    message = exit_message(tiny_args(byte_data, out, resume=True, max_steps=40))
+    assert message.startswith(f"error: {out}/ckpt_prev.pt is damaged and cannot be read (")
+    assert message.endswith("); no earlier checkpoint is kept: start over with --overwrite=True or another --out_dir")
 
 
 @pytest.mark.slow

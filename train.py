@@ -11,6 +11,7 @@ Checkpoints go to out_dir/ckpt.pt. resume=True continues from there, or starts f
 none yet (so one command can be re-run after any crash). The batches are a function of (seed, step), so a
 resumed run sees the data an uninterrupted one would; on CPU in float32 it ends bit for bit the same.
 """
+import fcntl
 import json
 import math
 import os
@@ -91,34 +92,90 @@ def set_rng_states(states):
     random.setstate(states["python"])
 
 
-def save_checkpoint(path, model, optimizers, step, cfg, batches):
-    """Everything a resume, sample.py or an export needs: weights, optimizer states, step, config, the data's
-    vocabulary and tokenizer, and the RNG states."""
+CKPT, PREV_CKPT, LOG = "ckpt.pt", "ckpt_prev.pt", "log.jsonl"  # in out_dir
+# a resumed run keeps these from its checkpoint (a different value is an error); it takes every other key from
+# its command line (lr, schedule, batch_size, eval, logging and checkpoint settings, compile, data_dir, ...)
+KEPT_ON_RESUME = SHAPE + ("optimizer", "momentum_roles", "dtype", "seq_len", "total_batch_size", "seed")
+
+
+def save_checkpoint(out_dir, model, optimizers, step, cfg, batches):
+    """Write out_dir/ckpt.pt: everything a resume, sample.py or an export needs (weights, optimizer states, step,
+    config, the data's vocabulary and tokenizer, the RNG states). Atomic: the new file is complete before it
+    replaces ckpt.pt, and the checkpoint it replaces is kept as ckpt_prev.pt (so at most two, plus one being
+    written)."""
     ckpt = dict(model=model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers], step=step,
                 config=vars(cfg), vocab_size=batches.vocab_size, tokenizer=batches.meta["tokenizer"],
                 eot_id=batches.meta["eot_id"], rng=rng_states())
-    write_atomic(path, lambda f: torch.save(ckpt, f))
+    path = os.path.join(out_dir, CKPT)
+    write_atomic(path, lambda f: torch.save(ckpt, f), previous=os.path.join(out_dir, PREV_CKPT))
 
 
-def load_checkpoint(path, model, optimizers, cfg, vocab_size):
-    """Restore model, optimizers and RNGs from path -> the step to continue from."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for key in SHAPE + ("optimizer",):
-        if ckpt["config"][key] != getattr(cfg, key):
-            raise ValueError(f"{path} was saved with {key}={ckpt['config'][key]!r}, the config says "
-                             f"{getattr(cfg, key)!r}; resume with the same {key} or set resume=False")
+def latest_checkpoint(out_dir):
+    """out_dir/ckpt.pt, or ckpt_prev.pt if a save was cut off between its two renames, or None."""
+    return next((p for p in (os.path.join(out_dir, n) for n in (CKPT, PREV_CKPT)) if os.path.exists(p)), None)
+
+
+def read_checkpoint(path):
+    """torch.load a checkpoint (memory-mapped, weights only) -> dict; a file that cannot be read is a one-line
+    ValueError that names it and says how to resume from the previous checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt["step"], ckpt["config"], ckpt["model"], ckpt["optimizers"], ckpt["rng"]  # KeyError if incomplete
+        return ckpt
+    except Exception as e:  # truncated, empty, not a checkpoint: torch raises several kinds
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    prev = os.path.join(os.path.dirname(path), PREV_CKPT)
+    if os.path.basename(path) != PREV_CKPT and os.path.exists(prev):
+        advice = f"move it away and re-run to resume from the previous checkpoint, {prev}"
+    else:
+        advice = "no earlier checkpoint is kept: start over with --overwrite=True or another --out_dir"
+    raise ValueError(f"{path} is damaged and cannot be read ({why}); {advice}")
+
+
+def check_resume(ckpt, path, cfg, vocab_size):
+    """Refuse a resume that would change what KEPT_ON_RESUME fixes -> {key: (saved, now)} of the other keys
+    the command line changes, which the resumed run applies."""
+    saved = ckpt["config"]
+    for key in KEPT_ON_RESUME:
+        if saved[key] != getattr(cfg, key):
+            raise ValueError(f"{path} was saved with {key}={saved[key]!r}, the config says {getattr(cfg, key)!r}; "
+                             f"a resumed run keeps {key}: resume with --{key}={saved[key]!r}, or start a new run "
+                             "with another --out_dir (or --overwrite=True, which deletes this one)")
     if ckpt["vocab_size"] != vocab_size:
         raise ValueError(f"{path} has a vocabulary of {ckpt['vocab_size']} but {cfg.data_dir} has {vocab_size}; "
-                         "resume on the data it was trained on or set resume=False")
-    model.load_state_dict(ckpt["model"])
+                         "resume on the data it was trained on, or start a new run with another --out_dir")
+    if ckpt["step"] > cfg.max_steps:
+        raise ValueError(f"{path} is at step {ckpt['step']}, beyond max_steps={cfg.max_steps}; "
+                         f"resume with --max_steps={ckpt['step']} or more")
+    return {k: (saved.get(k), v) for k, v in vars(cfg).items() if k != "resume" and saved.get(k) != v}
+
+
+def load_checkpoint(ckpt, path, model, optimizers):
+    """Restore the weights, optimizer states and RNGs of a checkpoint, keeping each param group's
+    hyperparameters as the current config set them (load_state_dict would bring back the saved ones)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit this model.py ({str(e).splitlines()[0]}); "
+                         "resume with the code it was written by") from None
     for opt, state in zip(optimizers, ckpt["optimizers"]):
+        current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
         opt.load_state_dict(state)
+        for group, hyper in zip(opt.param_groups, current):
+            group.update(hyper)
     set_rng_states(ckpt["rng"])
-    return ckpt["step"]
 
 
 # -----------------------------------------------------------------------------
 # training
+
+def record_step(line):
+    """The step of a log.jsonl line, or None for a line a kill cut short (no newline) or damaged."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
 
 class Log:
     """Rank 0's console lines, out_dir/log.jsonl records and, if wandb_project is set, wandb; silent elsewhere.
@@ -131,8 +188,7 @@ class Log:
         keep = []
         if resumed_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
-                # a line without its newline is one a kill cut short
-                keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
+                keep = [line for line in f if record_step(line) is not None and record_step(line) <= resumed_step]
         write_atomic(self.path, lambda f: f.write("".join(keep).encode()))
         if cfg.wandb_project:
             try:
@@ -242,6 +298,46 @@ def check_inputs(cfg, rank=0, world_size=1):
     return batches, LLaMAConfig.from_config(vars(cfg), batches.vocab_size)
 
 
+def claim_out_dir(cfg, master):
+    """Make out_dir this run's before anything is written to it -> a context manager: on rank 0 the open
+    out_dir/.lock, locked until it is closed, so a second run writing there fails at once. Without resume=True,
+    an out_dir that holds another run (a checkpoint or a log) is refused, unless overwrite=True, which deletes it."""
+    previous = [] if cfg.resume else [n for n in (CKPT, PREV_CKPT, LOG) if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if previous and not cfg.overwrite:
+        raise ValueError(f"{cfg.out_dir} holds another run ({', '.join(previous)}); continue it with --resume=True, "
+                         "delete it and start over with --overwrite=True, or use another --out_dir")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if not master:
+        return nullcontext()
+    lock = open(os.path.join(cfg.out_dir, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ValueError(f"another run is writing to {cfg.out_dir} (it holds {cfg.out_dir}/.lock); wait for it "
+                         "to end or stop it, or use another --out_dir") from None
+    for name in previous:  # overwrite=True
+        os.remove(os.path.join(cfg.out_dir, name))
+    if previous:
+        print(f"overwrite=True: deleted the previous run's {', '.join(previous)} in {cfg.out_dir}", flush=True)
+    return lock
+
+
+def resume_message(path, step, changed, cfg):
+    """The line a resumed run prints: where it continues, and what the command line changed."""
+    text = f"resuming from {path} at step {step}"
+    if not changed:
+        return text
+    text += "; changed since the checkpoint: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    schedule = ("lr", "warmup_steps", "max_steps", "min_lr_ratio")
+    if any(k in changed for k in schedule):
+        old = {k: changed[k][0] if k in changed else getattr(cfg, k) for k in schedule}
+        lr_then = old["lr"] * lr_factor(step, old["warmup_steps"], old["max_steps"], old["min_lr_ratio"])
+        lr_now = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        text += f" (the lr schedule is recomputed: step {step + 1} runs at lr {lr_now:.3g}, was {lr_then:.3g})"
+    return text
+
+
 def train(cfg):
     rank, local_rank, world_size = init_distributed()
     master = rank == 0
@@ -261,86 +357,100 @@ def train(cfg):
         model.to(torch.bfloat16)
     optimizers = make_optimizers(model, cfg)
 
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    resumed = cfg.resume and os.path.exists(ckpt_path)
-    start_step = load_checkpoint(ckpt_path, model, optimizers, cfg, batches.vocab_size) if resumed else 0
-    log = Log(cfg, master, start_step if resumed else None)
-    if cfg.resume:
-        log(f"resuming from {ckpt_path} at step {start_step}" if resumed else
-            f"resume=True but there is no {ckpt_path} yet: starting from scratch")
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log(f"{model.num_params():,} parameters ({param_bytes / 2**20:,.1f} MiB), vocab {batches.vocab_size}, {device}; "
-        f"total_batch_size {cfg.total_batch_size} = grad_accum {batches.grad_accum} x batch_size {cfg.batch_size} "
-        f"x world_size {world_size}", event="start", step=start_step, config=vars(cfg), params=model.num_params(),
-        param_bytes=param_bytes, world_size=world_size, device=device_name, torch=torch.__version__,
-        git_commit=git_commit())
+    with claim_out_dir(cfg, master):  # rank 0 holds out_dir/.lock until the run ends: no second run writes there
+        ckpt_path = os.path.join(cfg.out_dir, CKPT)
+        resume_path = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+        start_step, resumed = 0, resume_path is not None
+        if resumed:
+            ckpt = read_checkpoint(resume_path)
+            changed = check_resume(ckpt, resume_path, cfg, batches.vocab_size)
+            start_step = ckpt["step"]
+            if start_step == cfg.max_steps:
+                if master:
+                    print(f"{resume_path} is at step {start_step} = max_steps: the run is finished; raise --max_steps "
+                          "to train it further", flush=True)
+                return
+            load_checkpoint(ckpt, resume_path, model, optimizers)
+            del ckpt
+        log = Log(cfg, master, start_step if resumed else None)
+        if resumed:
+            log(resume_message(resume_path, start_step, changed, cfg), event="resume", step=start_step,
+                changed={k: list(v) for k, v in changed.items()})
+        elif cfg.resume:
+            log(f"resume=True but there is no {ckpt_path} yet: starting from scratch")
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        log(f"{model.num_params():,} parameters ({param_bytes / 2**20:,.1f} MiB), vocab {batches.vocab_size}, "
+            f"{device}; total_batch_size {cfg.total_batch_size} = grad_accum {batches.grad_accum} x batch_size "
+            f"{cfg.batch_size} x world_size {world_size}", event="start", step=start_step, config=vars(cfg), params=model.num_params(),
+            param_bytes=param_bytes, world_size=world_size, device=device_name, torch=torch.__version__,
+            git_commit=git_commit())
 
-    train_model = torch.compile(model) if cfg.compile else model
-    if world_size > 1:
-        train_model = DDP(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
-    tokens_per_step = cfg.total_batch_size * cfg.seq_len
-    flops_per_token = model.flops_per_token(cfg.seq_len)
-    peak = peak_flops(device_name) if device.type == "cuda" else None
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    saved = start_step if resumed else None
-    losses, logged_step, train_seconds, t0 = [], start_step, 0.0, time.time()  # the steps since the last log line
-    for step in range(start_step, cfg.max_steps + 1):
-        last_step = step == cfg.max_steps
-        # evaluate and checkpoint the weights after `step` optimizer steps (a resumed run's first step was
-        # evaluated and saved before it stopped); their time is not training time
-        evaluating = (step % cfg.eval_every == 0 or last_step) and not (resumed and step == start_step)
-        saving = step > start_step and (step % cfg.ckpt_every == 0 or last_step)
-        if evaluating or saving:
-            sync()
-            train_seconds += time.time() - t0
-        if evaluating:
-            # the eager model: no recompiles for no_grad or the shorter last batch
-            val_loss, val_ppl, seconds = evaluate(model, cfg, rank, world_size, device, autocast, log)
-            log(f"step {step} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f} | eval {seconds:.1f} s",
-                event="eval", step=step, tokens=step * tokens_per_step, val_loss=val_loss, val_ppl=val_ppl,
-                eval_seconds=seconds)
-        if saving:
-            check_losses(losses, logged_step, saved, ckpt_path)
-            if not all(torch.isfinite(p).all() for p in model.parameters()):  # a finite loss, inf gradients
-                raise diverged("the weights are not finite", step, saved, ckpt_path)
-            if master:
-                save_checkpoint(ckpt_path, model, optimizers, step, cfg, batches)
-            saved = step
-        if last_step:
-            break
-        if evaluating or saving:
-            t0 = time.time()
+        train_model = torch.compile(model) if cfg.compile else model
+        if world_size > 1:
+            train_model = DDP(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
+        tokens_per_step = cfg.total_batch_size * cfg.seq_len
+        flops_per_token = model.flops_per_token(cfg.seq_len)
+        peak = peak_flops(device_name) if device.type == "cuda" else None
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        saved = start_step if resumed else None
+        losses, logged_step, train_seconds, t0 = [], start_step, 0.0, time.time()  # the steps since the last log line
+        for step in range(start_step, cfg.max_steps + 1):
+            last_step = step == cfg.max_steps
+            # evaluate and checkpoint the weights after `step` optimizer steps (a resumed run's first step was
+            # evaluated and saved before it stopped); their time is not training time
+            evaluating = (step % cfg.eval_every == 0 or last_step) and not (resumed and step == start_step)
+            saving = step > start_step and (step % cfg.ckpt_every == 0 or last_step)
+            if evaluating or saving:
+                sync()
+                train_seconds += time.time() - t0
+            if evaluating:
+                # the eager model: no recompiles for no_grad or the shorter last batch
+                val_loss, val_ppl, seconds = evaluate(model, cfg, rank, world_size, device, autocast, log)
+                log(f"step {step} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f} | eval {seconds:.1f} s",
+                    event="eval", step=step, tokens=step * tokens_per_step, val_loss=val_loss, val_ppl=val_ppl,
+                    eval_seconds=seconds)
+            if saving:
+                check_losses(losses, logged_step, saved, ckpt_path)
+                if not all(torch.isfinite(p).all() for p in model.parameters()):  # a finite loss, inf gradients
+                    raise diverged("the weights are not finite", step, saved, ckpt_path)
+                if master:
+                    save_checkpoint(cfg.out_dir, model, optimizers, step, cfg, batches)
+                saved = step
+            if last_step:
+                break
+            if evaluating or saving:
+                t0 = time.time()
 
-        # one optimizer step, from `step` to step + 1; its loss stays on the device until the next log line
-        lr_mult = lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_mult
-        losses.append(train_step(train_model, batches, step, device, autocast, world_size > 1))
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            # one optimizer step, from `step` to step + 1; its loss stays on the device until the next log line
+            lr_mult = lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lr_mult
+            losses.append(train_step(train_model, batches, step, device, autocast, world_size > 1))
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
-        # log: wait for the device once per log line; tokens/s over the steps since the last one
-        if step == start_step:  # the optimizer state exists now
-            log(f"optimizer state: {state_bytes(optimizers):,} bytes (AdamW's: {2 * param_bytes:,})")
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            loss = check_losses(losses, logged_step, saved, ckpt_path)[-1]
-            train_seconds += time.time() - t0
-            tokens_per_s = (step + 1 - logged_step) * tokens_per_step / train_seconds
-            mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
-            peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            text = f"step {step + 1} | loss {loss:.4f} | lr {cfg.lr * lr_mult:.2e} | {tokens_per_s:,.0f} tok/s"
-            text += f" | mfu {mfu:.1%}" if mfu else ""
-            text += f" | peak mem {peak_mem / 2**30:.2f} GiB" if peak_mem else ""
-            log(text, event="train", step=step + 1, tokens=(step + 1) * tokens_per_step, loss=loss,
-                lr=cfg.lr * lr_mult, tokens_per_s=tokens_per_s, mfu=mfu, peak_mem_bytes=peak_mem,
-                opt_state_bytes=state_bytes(optimizers))
-            losses, logged_step, train_seconds, t0 = [], step + 1, 0.0, time.time()
+            # log: wait for the device once per log line; tokens/s over the steps since the last one
+            if step == start_step:  # the optimizer state exists now
+                log(f"optimizer state: {state_bytes(optimizers):,} bytes (AdamW's: {2 * param_bytes:,})")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+                loss = check_losses(losses, logged_step, saved, ckpt_path)[-1]
+                train_seconds += time.time() - t0
+                tokens_per_s = (step + 1 - logged_step) * tokens_per_step / train_seconds
+                mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
+                peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+                lr = optimizers[0].param_groups[0]["lr"]  # what the optimizer ran at (the schedule over initial_lr)
+                text = f"step {step + 1} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s"
+                text += f" | mfu {mfu:.1%}" if mfu else ""
+                text += f" | peak mem {peak_mem / 2**30:.2f} GiB" if peak_mem else ""
+                log(text, event="train", step=step + 1, tokens=(step + 1) * tokens_per_step, loss=loss,
+                    lr=lr, tokens_per_s=tokens_per_s, mfu=mfu, peak_mem_bytes=peak_mem,
+                    opt_state_bytes=state_bytes(optimizers))
+                losses, logged_step, train_seconds, t0 = [], step + 1, 0.0, time.time()
 
 
 def main(argv):
@@ -350,7 +460,7 @@ def main(argv):
     try:
         train(load_config(argv))
     except (ValueError, FloatingPointError) as e:  # bad input (DataError is a ValueError) or divergence
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # one line, from rank 0
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
