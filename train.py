@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import TrainBatches, val_batches, write_atomic
 from model import LLaMA, LLaMAConfig, peak_flops
+from prepare_c4 import prepare_once
 from scale import SCALE, scale_param_groups, state_bytes
 
 # -----------------------------------------------------------------------------
@@ -50,6 +51,7 @@ DEFAULTS = dict(
     # evaluation, logging, checkpoints
     eval_every=1000, eval_tokens=10_000_000, log_every=10, ckpt_every=1000,
     data_dir="data/c4", out_dir="out", wandb_project="",  # empty wandb_project: no wandb
+    data_source="",  # json files to prepare data_dir from (byte tokenizer) if it has no meta.json; "" = none
     # system
     dtype="bfloat16",  # float32 | bfloat16 (params and optimizer state) | mixed (bf16 autocast, fp32 params)
     compile=True, seed=0, resume=False,
@@ -295,6 +297,8 @@ def train(cfg):
     if device.type == "cuda":
         torch.backends.cuda.matmul.fp32_precision = "tf32"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "mixed" else nullcontext()
+    if cfg.data_source:  # prepared on first use; safe for all ranks (or runs) at once
+        prepare_once(cfg.data_dir, cfg.data_source)
     batches = TrainBatches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.total_batch_size, rank, world_size, cfg.seed)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
