@@ -14,6 +14,8 @@ import gzip
 import json
 import multiprocessing as mp
 import os
+import shutil
+import socket
 import sys
 import time
 
@@ -192,6 +194,75 @@ def install(out_dir, meta):
         os.replace(os.path.join(out_dir, name + ".new"), os.path.join(out_dir, name))
     remove_shards(out_dir, keep=keep)
     write_meta(out_dir, meta)
+
+
+# -----------------------------------------------------------------------------
+# first use: train.py prepares its data_dir from data_source (configs/tiny.py: the bundled sample, assets/kjv)
+
+def prepare_once(out_dir, source):
+    """Prepare the json files at source (a C4 clone, dir or glob, read as --data_dir reads them) into out_dir
+    with the byte tokenizer, unless out_dir/meta.json exists. -> True if this call prepared out_dir, else False.
+
+    Safe for concurrent and killed runs: each run prepares into its own sibling dir out_dir.tmp-<pid>-<host> and
+    renames that to out_dir in one step. The first rename wins; later runs discard theirs (the output is
+    deterministic, so all are the same). A killed run leaves only its temp dir, which a later run on the same
+    host removes once that process is gone. Raises DataError if source does not exist or holds no json
+    files, or if out_dir exists, not empty, without meta.json (nothing is removed then)."""
+    meta = os.path.join(out_dir, "meta.json")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(meta):
+        raise DataError(not_a_dataset(out_dir, source))
+    if os.path.exists(meta):
+        return False
+    if not glob.has_magic(source) and not os.path.exists(source):
+        raise DataError(f"data source {source} does not exist in {os.getcwd()}; run from the directory it is "
+                        "relative to or give its absolute path")
+    files = find_sources(source, None, None)
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_tmp_dirs(parent, name)
+    tmp = os.path.join(parent, f"{name}.tmp-{os.getpid()}-{socket.gethostname()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a dead process that had our pid
+    seconds = max(1, round(sum(os.path.getsize(f) for fs in files.values() for f in fs) / 3e6))  # ~3 MB/s of input
+    print(f"preparing {out_dir} from {source} with the byte tokenizer (first run, ~{seconds} s)", flush=True)
+    try:
+        main(["--out_dir", tmp, "--data_dir", source, "--tokenizer", "byte", "--workers", "1"])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, out_dir)  # fails if out_dir is there and not empty
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(meta):
+            raise DataError(not_a_dataset(out_dir, source)) from None
+        return False  # another run's rename came first
+    return True
+
+
+def not_a_dataset(out_dir, source):
+    return (f"{out_dir} exists but has no meta.json, so it is not a prepared dataset; remove it to have it prepared "
+            f"from {source}")
+
+
+def remove_stale_tmp_dirs(parent, name):
+    """Remove the temp dirs of prepare_once runs on this host that were killed (their process is gone)."""
+    if os.name != "posix":  # os.kill(pid, 0) checks a pid only on POSIX
+        return
+    prefix, host = f"{name}.tmp-", socket.gethostname()
+    for entry in os.listdir(parent):
+        pid, _, entry_host = entry.removeprefix(prefix).partition("-")
+        if entry.startswith(prefix) and pid.isdigit() and entry_host == host and not process_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True
 
 
 if __name__ == "__main__":

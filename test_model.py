@@ -53,7 +53,8 @@ def test_config_files_use_only_known_keys():
         assert (cfg["grad_clip"], cfg["dtype"], cfg["compile"]) == (0.0, "bfloat16", True)
         assert cfg["total_batch_size"] % cfg["batch_size"] == 0 and cfg["out_dir"] == f"out/{name}"
     tiny = load_config("tiny")
-    assert tiny["dtype"] == "float32" and tiny["compile"] is False and tiny["total_batch_size"] % tiny["batch_size"] == 0
+    assert tiny["dtype"] == "float32" and tiny["compile"] is False
+    assert all(tiny["total_batch_size"] % (tiny["batch_size"] * ranks) == 0 for ranks in (1, 2))  # CPU: 1 or 2 processes
     LLaMAConfig.from_config(tiny, vocab_size=257)
 
 

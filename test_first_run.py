@@ -1,0 +1,231 @@
+"""Tests for the first run on the bundled sample: assets/kjv is the King James Bible by chapter, and
+configs/tiny.py prepares it into data/kjv_byte on first use (prepare_c4.prepare_once), once, safely for runs
+at once and killed runs. CPU, offline."""
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import prepare_c4
+import train
+from data import DataError, load_meta, open_shard
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KJV = os.path.join(HERE, "assets", "kjv")
+FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "val": "en/c4-validation.00000-of-00008.json.gz"}
+SHORT = ["--max_steps=3", "--eval_every=3", "--eval_tokens=1024", "--log_every=1", "--ckpt_every=3"]
+FINAL_EVAL = re.compile(r"^step 3 \| val loss (\d+\.\d+)", re.M)
+
+
+def documents(split):
+    with gzip.open(os.path.join(KJV, FILES[split]), "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def byte_tokens(docs):
+    """The reference tokenization: per document <|endoftext|> (256), then its UTF-8 bytes."""
+    return np.concatenate([np.concatenate([[256], np.frombuffer(d.encode(), np.uint8)]) for d in docs])
+
+
+def split_tokens(data_dir, split):
+    meta = load_meta(data_dir)
+    return np.concatenate([open_shard(os.path.join(data_dir, n)) for n in meta["splits"][split]["shards"]])
+
+
+def dir_bytes(path):
+    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+
+
+def tiny(*args):
+    return [sys.executable, "train.py", "configs/tiny.py", *SHORT, *args]
+
+
+def run_tiny(*args, cwd=HERE):
+    return subprocess.run(tiny(*args), cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def kjv_reference(tmp_path_factory):
+    """assets/kjv prepared the ordinary way, by prepare_c4.py."""
+    out = tmp_path_factory.mktemp("kjv_reference")
+    prepare_c4.main(["--out_dir", str(out), "--data_dir", KJV, "--tokenizer", "byte"])
+    return out
+
+
+def test_the_sample_is_the_kjv_by_chapter_with_every_20th_chapter_held_out():
+    docs, val = documents("train"), documents("val")
+    assert (len(docs), len(val)) == (1130, 59)
+    for i, doc in enumerate(val):
+        docs.insert(20 * (i + 1) - 1, doc)  # back into canonical order: val is chapters 20, 40, ...
+    headings = [doc.split("\n", 1)[0].rsplit(" ", 1) for doc in docs]
+    books = list(dict.fromkeys(book for book, _ in headings))
+    assert (len(books), books[0], books[18], books[-1]) == (66, "Genesis", "Psalms", "Revelation")
+    for book in books:
+        numbers = [int(n) for b, n in headings if b == book]
+        assert numbers == list(range(1, len(numbers) + 1)), book
+    assert [int(n) for b, n in headings if b == "Psalms"][-1] == 150
+    assert sum(doc.count("\n") for doc in docs) == 31102  # verses: one line each after the heading
+    assert docs[0].split("\n")[:2] == ["Genesis 1", "In the beginning God created the heaven and the earth."]
+
+
+def test_source_md_records_the_files_sha256():
+    with open(os.path.join(KJV, "SOURCE.md")) as f:
+        text = f.read()
+    for name in FILES.values():
+        with open(os.path.join(KJV, name), "rb") as f:
+            assert f"{hashlib.sha256(f.read()).hexdigest()}  {name}" in text
+
+
+@pytest.mark.slow
+def test_first_run_from_a_clean_copy_prepares_then_trains_and_a_second_run_reuses_it(tmp_path):
+    repo = tmp_path / "repo"  # what a fresh clone has: the code, configs/ and assets/, no data/ or out/
+    shutil.copytree(os.path.join(HERE, "configs"), repo / "configs")
+    shutil.copytree(KJV, repo / "assets" / "kjv")
+    for name in os.listdir(HERE):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(HERE, name), repo / name)
+    first = run_tiny(cwd=repo)
+    assert first.returncode == 0, first.stderr
+    assert "preparing data/kjv_byte from assets/kjv with the byte tokenizer (first run, ~1 s)\n" in first.stdout
+    data = repo / "data" / "kjv_byte"
+    assert os.listdir(repo / "data") == ["kjv_byte"]  # no temp dir left
+    assert sorted(os.listdir(data)) == ["meta.json", "train_000000.bin", "val_000000.bin"]
+    assert (load_meta(data)["tokenizer"], load_meta(data)["vocab_size"]) == ("byte", 257)
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(split_tokens(data, split), byte_tokens(documents(split)))
+    assert os.path.exists(repo / "out" / "tiny" / "ckpt.pt")
+
+    mtimes = {name: os.stat(data / name).st_mtime_ns for name in os.listdir(data)}
+    second = run_tiny("--out_dir=out/second", cwd=repo)
+    assert second.returncode == 0, second.stderr
+    assert "preparing" not in second.stdout
+    assert {name: os.stat(data / name).st_mtime_ns for name in os.listdir(data)} == mtimes
+    assert FINAL_EVAL.findall(second.stdout) == FINAL_EVAL.findall(first.stdout) != []  # same data, same seed
+
+
+@pytest.mark.slow
+def test_two_first_runs_at_once_both_train_on_what_prepare_c4_writes(tmp_path, kjv_reference):
+    data = tmp_path / "kjv_byte"
+    procs = [subprocess.Popen(tiny(f"--data_dir={data}", f"--out_dir={tmp_path / f'out{i}'}"), cwd=HERE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert FINAL_EVAL.search(out)
+    assert sorted(os.listdir(tmp_path)) == ["kjv_byte", "out0", "out1"]  # no temp dir left
+    assert dir_bytes(data) == dir_bytes(kjv_reference)
+
+
+def test_a_run_that_loses_the_race_discards_its_own_and_keeps_the_winners(tmp_path, monkeypatch, kjv_reference):
+    out, real_main = tmp_path / "kjv_byte", prepare_c4.main
+
+    def main_then_another_run_wins(argv):
+        meta = real_main(argv)
+        shutil.copytree(kjv_reference, out)  # another run's rename lands first
+        return meta
+
+    monkeypatch.setattr(prepare_c4, "main", main_then_another_run_wins)
+    assert prepare_c4.prepare_once(str(out), KJV) is False
+    assert os.listdir(tmp_path) == ["kjv_byte"]
+    assert dir_bytes(out) == dir_bytes(kjv_reference)
+    monkeypatch.undo()
+    assert prepare_c4.prepare_once(str(out), KJV) is False  # prepared already: nothing to do
+    assert prepare_c4.prepare_once(str(tmp_path / "new"), KJV) is True
+    assert dir_bytes(tmp_path / "new") == dir_bytes(kjv_reference)
+
+
+def test_a_dir_that_is_not_a_dataset_is_an_error_and_left_alone(tmp_path, monkeypatch):
+    out, real_main = tmp_path / "kjv_byte", prepare_c4.main
+    expected = (f"{out} exists but has no meta.json, so it is not a prepared dataset; remove it to have it prepared "
+                f"from {KJV}")
+    out.mkdir()
+    (out / "train_000000.bin.new").write_bytes(b"someone's")
+    with pytest.raises(DataError) as e:
+        prepare_c4.prepare_once(str(out), KJV)
+    assert str(e.value) == expected
+    os.remove(out / "train_000000.bin.new")
+
+    def main_then_something_else_appears(argv):
+        meta = real_main(argv)
+        (out / "notes.txt").write_text("mine")  # not a dataset: the rename fails and there is no meta.json
+        return meta
+
+    monkeypatch.setattr(prepare_c4, "main", main_then_something_else_appears)
+    with pytest.raises(DataError) as e:
+        prepare_c4.prepare_once(str(out), KJV)
+    assert str(e.value) == expected
+    assert os.listdir(tmp_path) == ["kjv_byte"] and os.listdir(out) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--data_source=no/such/dir"], "error: data source no/such/dir does not exist in {cwd}; run from the directory "
+                                    "it is relative to or give its absolute path"),
+    (["--data_source="], "error: data dir {data} does not exist; run prepare_c4.py --out_dir {data} first"),
+])
+def test_bad_data_source_and_no_data_source_are_one_line_errors(tmp_path, args, expected):
+    data = tmp_path / "kjv_byte"
+    with pytest.raises(SystemExit) as e:
+        train.main([os.path.join(HERE, "configs", "tiny.py"), f"--data_dir={data}", *args])
+    assert e.value.code == expected.format(cwd=os.getcwd(), data=data)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="temp dirs are cleaned by pid on POSIX only")
+def test_only_temp_dirs_of_dead_processes_on_this_host_are_removed(tmp_path):
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    names = {"dead": f"kjv_byte.tmp-{dead.pid}-{host}", "live": f"kjv_byte.tmp-{live.pid}-{host}",
+             "other host": f"kjv_byte.tmp-{dead.pid}-not-{host}", "other dir": f"c4_byte.tmp-{dead.pid}-{host}"}
+    try:
+        for name in names.values():
+            (tmp_path / name).mkdir()
+        assert prepare_c4.prepare_once(str(tmp_path / "kjv_byte"), KJV) is True
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(os.listdir(tmp_path)) == sorted(["kjv_byte", names["live"], names["other host"], names["other dir"]])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe (POSIX)")
+def test_a_first_run_killed_while_preparing_leaves_no_dataset_and_the_next_run_prepares_it(tmp_path):
+    # the val file is a named pipe: the run tokenizes train, stages its shard, then blocks opening val until killed
+    source = tmp_path / "source"
+    source.mkdir()
+    os.symlink(os.path.join(KJV, FILES["train"]), source / "kjv_train.json.gz")
+    os.mkfifo(source / "kjv_val.json.gz")
+    data = tmp_path / "data" / "kjv_byte"
+    args = [f"--data_source={source}", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"]
+    proc = subprocess.Popen(tiny(*args), cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = data.parent / f"kjv_byte.tmp-{proc.pid}-{socket.gethostname()}" / "train_000000.bin.new"
+    try:
+        deadline = time.time() + 120
+        while not staged.exists():
+            assert proc.poll() is None and time.time() < deadline, "the run did not reach its val split"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert os.listdir(data.parent) == [staged.parent.name]  # no data_dir, so nothing that looks like a dataset
+
+    os.remove(source / "kjv_val.json.gz")
+    os.symlink(os.path.join(KJV, FILES["val"]), source / "kjv_val.json.gz")
+    rerun = run_tiny(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"preparing {data} from {source}" in rerun.stdout
+    assert os.listdir(data.parent) == ["kjv_byte"]  # the killed run's temp dir is gone
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(split_tokens(data, split), byte_tokens(documents(split)))
