@@ -1,6 +1,8 @@
 """Tests for train.py: configuration, schedule, each optimizer and dtype, exact resume after kill -9,
 2-process DDP against 1 process, divergence and bad-input errors. CPU, offline, on the byte_data fixture."""
+import contextlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -16,7 +18,7 @@ import torch
 
 import compare
 import train
-from config import DEFAULTS
+from config import DEFAULTS, load_config
 from model import LLaMA, LLaMAConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -413,3 +415,18 @@ def test_ddp_two_processes_match_one(byte_data, tmp_path):
     assert events(ddp, "eval", "val_loss") == pytest.approx(events(one, "eval", "val_loss"), abs=1e-5)
     a, b = load_ckpt(tmp_path / "ddp")["model"], load_ckpt(tmp_path / "one")["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_long_eval_reports_its_progress(byte_data, monkeypatch):
+    cfg = load_config(tiny_args(byte_data, "unused", eval_tokens=2048, batch_size=4))  # 64 windows, 16 batches
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_config(vars(cfg), 257))
+    quiet = train.evaluate(model, cfg, 0, 1, torch.device("cpu"), contextlib.nullcontext(), lambda text: None)
+    clock = itertools.count(0, 3)  # every time.time() call is 3 s later: a report every few batches
+    monkeypatch.setattr(train.time, "time", lambda: next(clock))
+    lines = []
+    loss, ppl, seconds = train.evaluate(model, cfg, 0, 1, torch.device("cpu"), contextlib.nullcontext(), lines.append)
+    assert (loss, ppl) == quiet[:2] and seconds > 10
+    assert len(lines) >= 3 and all(re.fullmatch(r"  evaluating: about [\d,]+ of 2,048 tokens, \d+ s", l) for l in lines)
+    done = [int(re.search(r"about ([\d,]+)", l)[1].replace(",", "")) for l in lines]
+    assert done == sorted(done) and 0 < done[0] and done[-1] <= 2048
