@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import help_text, load_config
+from config import DEFAULTS, help_text, load_config
 from data import TrainBatches, val_batches, write_atomic
 from model import SHAPE, LLaMA, LLaMAConfig, peak_flops
 from prepare_c4 import prepare_once
@@ -136,7 +136,7 @@ def read_checkpoint(path):
 def check_resume(ckpt, path, cfg, vocab_size):
     """Refuse a resume that would change what KEPT_ON_RESUME fixes -> {key: (saved, now)} of the other keys
     the command line changes, which the resumed run applies."""
-    saved = ckpt["config"]
+    saved = {**DEFAULTS, **ckpt["config"]}  # a key added since the checkpoint was written: its default
     for key in KEPT_ON_RESUME:
         if saved[key] != getattr(cfg, key):
             raise ValueError(f"{path} was saved with {key}={saved[key]!r}, the config says {getattr(cfg, key)!r}; "
@@ -148,7 +148,7 @@ def check_resume(ckpt, path, cfg, vocab_size):
     if ckpt["step"] > cfg.max_steps:
         raise ValueError(f"{path} is at step {ckpt['step']}, beyond max_steps={cfg.max_steps}; "
                          f"resume with --max_steps={ckpt['step']} or more")
-    return {k: (saved.get(k), v) for k, v in vars(cfg).items() if k != "resume" and saved.get(k) != v}
+    return {k: (saved[k], v) for k, v in vars(cfg).items() if k != "resume" and saved[k] != v}
 
 
 def load_checkpoint(ckpt, path, model, optimizers):
@@ -183,7 +183,7 @@ class Log:
     A resumed run first drops the records written after its checkpoint, so the log reads as one run."""
 
     def __init__(self, cfg, master, resumed_step):
-        self.master, self.path, self.wandb = master, os.path.join(cfg.out_dir, "log.jsonl"), None
+        self.master, self.path, self.wandb = master, os.path.join(cfg.out_dir, LOG), None
         if not master:
             return
         keep = []
