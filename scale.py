@@ -1,4 +1,4 @@
-"""SCALE: Stochastic Column-normAlized Last-layer momEntum (Glentis, Li, Han, Hong; arXiv 2506.16659).
+"""SCALE: Stochastic Column-normAlized Last-layer momEntum (Glentis, Li, Han, Hong; arXiv 2506.16659, Algorithm 1).
 
 Every parameter has a role, and every role ends with p <- p * (1 - lr*wd) - lr * u:
   matrix     u = G / rms(G, dim=1)                  each output unit's gradient row gets unit RMS; no state
@@ -6,67 +6,48 @@ Every parameter has a role, and every role ends with p <- p * (1 - lr*wd) - lr *
   output     m = beta*m + (1-beta)*G, u = m / rms(m, dim=1)        the one momentum buffer: the last layer
   vector     AdamW with bias correction (1-D norm gains, biases), at lr = adam_lr * lr_t / lr_0
 where rms(x, dim) = max(sqrt(mean(x^2 over dim)), 1e-8), tensors of more than 2 dims are viewed as
-(shape[0], -1), lr_t is the group's current lr and lr_0 the lr given to the constructor. Ablations:
-momentum=0 is column-normalized SGD; momentum_roles=("matrix", "embedding", "output") puts momentum everywhere.
-compile=True runs each role's update as one torch.compile'd graph (static shapes, lr passed as a tensor so a
-schedule never recompiles): the fast path. Eager is the same code, readable and slower (bench.py optimizer).
+(shape[0], -1), lr_t is the group's current lr and lr_0 the lr given to the constructor. Weights use PyTorch's
+(out, in) layout, so the paper's "columns" are rows here. Ablations: momentum=0 is column-normalized SGD;
+momentum_roles=("matrix", "embedding", "output") puts momentum everywhere.
+compile=True runs each role's update as one torch.compile'd graph: the fast path. Eager is the same code, readable
+and slower (bench.py optimizer). Read on in order: SCALE, the two updates, the roles, and last the CPU speed tricks.
 """
+import warnings
+
 import torch
 import torch.nn as nn
 
 ROLES = ("matrix", "embedding", "output", "vector")
 NORM_DIM = {"matrix": 1, "embedding": 0, "output": 1}
-BLOCK_BYTES = 2 ** 21  # of the blocks a large tensor is updated in, on CPU (see blocks)
-
-
-def normalized_update_(params, grads, bufs, h, dim: int):
-    """In place, for each p, g (and momentum buffer m, when bufs is not empty: m <- lerp(m, g, 1 - beta), then
-    g is m): p <- p*(1 - lr*wd) - lr * g / rms(g, dim), reducing and dividing in fp32.
-    h = [lr, 1 - lr*wd, 1 - beta] as an fp32 tensor, so a compiled update does not recompile when lr changes.
-    Returns the factors lr / rms(g): as outputs, inductor computes each once per row (or column) instead of
-    once per vector of elements, which makes the compiled bf16 step ~15% faster on CPU."""
-    lr, decay, one_minus_beta = h.unbind()
-    if bufs:
-        grads = [m.lerp_(g, one_minus_beta) for m, g in zip(bufs, grads)]  # m = beta*m + (1-beta)*g
-    scales = []
-    for p, g in zip(params, grads):
-        p, g = p.view(p.shape[0], -1), g.reshape(g.shape[0], -1).float()
-        scales.append(lr / rms(g, dim))
-        # fp32 p: p.float() is p, so this runs in place and eager mode makes no temporaries; bf16 p: one
-        # fp32 copy, rounded once into p
-        p.copy_(p.float().mul_(decay).addcmul_(g, scales[-1], value=-1))
-    return scales
-
-
-def blocks(t, dim: int):
-    """[t], or on CPU, for row norms (dim=1), a t of 2 * BLOCK_BYTES or more as blocks of whole rows of about
-    BLOCK_BYTES, so that the update's second read of each block (and of the momentum just written) comes from
-    cache, not memory. (Split by columns, the embedding compiles to slow strided kernels: not done.)"""
-    n_blocks = t.numel() * t.element_size() // BLOCK_BYTES if dim == 1 and t.device.type == "cpu" else 1
-    return [t] if n_blocks < 2 else t.view(t.shape[0], -1).split(-(-t.shape[0] // n_blocks))
-
-
-def rms(g, dim: int):
-    """max(sqrt(mean(g^2 over dim)), 1e-8) of a 2-D g, keepdim."""
-    if dim == 1:  # vector_norm: one pass and, in eager mode, no (N, D) temporary
-        return (torch.linalg.vector_norm(g, dim=1, keepdim=True) / g.shape[1] ** 0.5).clamp_min(1e-8)
-    # over rows: sum blocks of 64 rows first, which inductor's CPU code runs 2x faster than a plain column sum
-    k = g.shape[0] - g.shape[0] % 64
-    sq = g[:k].view(-1, 64, g.shape[1]).square().sum(1).sum(0, keepdim=True) + g[k:].square().sum(0, keepdim=True)
-    return (sq / g.shape[0]).sqrt().clamp_min(1e-8)
-
-
-def adamw_update_(params, grads, exp_avgs, exp_avg_sqs, h):
-    """In place, AdamW on each p. Row i of h = [1 - lr*wd, 1 - beta1, 1 - beta2, eps, lr*sqrt(bc2)/bc1] for p i
-    (1 - beta computed in float64: 1 - fp32(0.999) is 1.3e-5 off)."""
-    for p, g, m, v, (decay, one_minus_beta1, one_minus_beta2, eps, step_size) in zip(params, grads, exp_avgs,
-                                                                                    exp_avg_sqs, h):
-        m.lerp_(g, one_minus_beta1)  # m = beta1*m + (1-beta1)*g
-        v.lerp_(g.square(), one_minus_beta2)
-        p.copy_(p.float() * decay - step_size * m.float() / (v.float().sqrt() + eps))  # eps before bias correction
 
 
 class SCALE(torch.optim.Optimizer):
+    """The SCALE optimizer (arXiv 2506.16659, Algorithm 1; the rule is in the module docstring).
+
+    params: param groups with a "role" each (one of ROLES), as scale_param_groups(model) makes them, or tensors
+        or groups without one, which are split by ndim into "vector" (1-D) and "matrix" (2+ dims) with a warning.
+        Dense real tensors of any float dtype (fp32, bf16); a group's tensors on one device. The state (momentum
+        buffer, AdamW moments) has p's dtype and shape; the update runs in fp32, state included, and rounds into p
+        and each state tensor once.
+    lr: the lr of the matrix, embedding and output roles (>= 0); a schedule changes group["lr"] between steps.
+    momentum: beta of the momentum buffer, in [0, 1); 0 means no momentum anywhere (column-normalized SGD).
+    weight_decay: decoupled weight decay wd (>= 0) of every role: p <- p * (1 - lr*wd) - lr * u.
+    adam_lr: the vector role's lr (default: lr), scaled by the schedule: adam_lr * group["lr"] / lr.
+    adam_betas, adam_eps: AdamW's (beta1, beta2) and eps of the vector role; eps is added to sqrt(v) before bias
+        correction (so it acts as eps / sqrt(1 - beta2^t), unlike torch.optim.AdamW).
+    momentum_roles: the roles among matrix, embedding and output that get a momentum buffer; ("output",) is SCALE.
+    compile: run each role's update as one torch.compile'd graph (static shapes).
+
+    The changing hyperparameters reach the updates as named 0-D fp32 tensors on the params' device, made at the
+    first step and filled in place from the param groups at each step (and so not in state_dict): a compiled step
+    does not recompile when lr changes, and a GPU step makes no host-to-device copy and no sync.
+
+    Raises ValueError on lr or weight_decay < 0, momentum outside [0, 1), momentum_roles outside the 2-D roles, an
+    unknown role, or a role other than "vector" with a tensor of fewer than 2 dims; step() raises ValueError on a
+    sparse or complex gradient. Warns (UserWarning) on params without roles, e.g. SCALE(model.parameters()): the
+    embedding and output layers get role "matrix", so no momentum and a row-normalized embedding, not SCALE.
+    """
+
     def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, adam_lr=None, adam_betas=(0.9, 0.999),
                  adam_eps=1e-8, momentum_roles=("output",), compile=False):
         if lr < 0 or weight_decay < 0:
@@ -86,6 +67,7 @@ class SCALE(torch.optim.Optimizer):
                 raise ValueError(f"role {group['role']!r} needs tensors of 2+ dims; give 1-D params role 'vector'")
         self._normalized_update = torch.compile(normalized_update_, dynamic=False) if compile else normalized_update_
         self._adamw_update = torch.compile(adamw_update_, dynamic=False) if compile else adamw_update_
+        self._scalar_tensors = {}  # {(key, device): {name: 0-D fp32 tensor}}, see _scalars
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -93,7 +75,7 @@ class SCALE(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if p.grad.is_sparse or p.grad.is_complex():
@@ -101,12 +83,12 @@ class SCALE(torch.optim.Optimizer):
             if not params:
                 continue
             if group["role"] == "vector":
-                self._adamw_step(group, params)
+                self._adamw_step(i, group, params)
             else:
-                self._normalized_step(group, params)
+                self._normalized_step(i, group, params)
         return loss
 
-    def _normalized_step(self, group, params):
+    def _normalized_step(self, i, group, params):
         lr, beta, dim = group["lr"], group["momentum"], NORM_DIM[group["role"]]
         bufs = []
         if beta > 0 and group["role"] in group["momentum_roles"]:
@@ -114,31 +96,106 @@ class SCALE(torch.optim.Optimizer):
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             bufs = [self.state[p]["momentum_buffer"] for p in params]
-        in_blocks = lambda ts: [b for t in ts for b in blocks(t, dim)]
-        h = torch.tensor([lr, 1 - lr * group["weight_decay"], 1 - beta], device=params[0].device)
-        self._normalized_update(in_blocks(params), in_blocks(p.grad for p in params), in_blocks(bufs), h, dim)
+        scalars = self._scalars(i, params[0].device, lr=lr, decay=1 - lr * group["weight_decay"],
+                                one_minus_beta=1 - beta)
+        in_blocks = lambda ts: [b for t in ts for b in blocks(t, dim)]  # CPU speed, see blocks
+        self._normalized_update(in_blocks(params), in_blocks(p.grad for p in params), in_blocks(bufs), dim, **scalars)
 
-    def _adamw_step(self, group, params):
+    def _adamw_step(self, i, group, params):
         lr = group["adam_lr"] * group["lr"] / group["lr0"] if group["lr0"] else 0.0
         (beta1, beta2), eps = group["adam_betas"], group["adam_eps"]
-        rows = []
+        step_sizes = []
         for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = 0
                 state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
             state["step"] += 1
+            # bias correction in Python float64, per parameter: a param skipped at a step (grad None) lags behind
             step_size = lr * (1 - beta2 ** state["step"]) ** 0.5 / (1 - beta1 ** state["step"])
-            rows.append([1 - lr * group["weight_decay"], 1 - beta1, 1 - beta2, eps, step_size])
+            step_sizes.append(self._scalars((i, id(p)), p.device, step_size=step_size)["step_size"])
+        # 1 - beta in float64, then fp32: 1 - fp32(0.999) would be 1.3e-5 off
+        scalars = self._scalars(i, params[0].device, decay=1 - lr * group["weight_decay"], one_minus_beta1=1 - beta1,
+                                one_minus_beta2=1 - beta2, eps=eps)
         self._adamw_update(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
-                           [self.state[p]["exp_avg_sq"] for p in params], torch.tensor(rows, device=params[0].device))
+                           [self.state[p]["exp_avg_sq"] for p in params], step_sizes=step_sizes, **scalars)
 
+    def _scalars(self, key, device, **values):
+        """{name: a 0-D fp32 tensor on device holding values[name]}, made once under key and filled in place at
+        every call after: a fill from a Python float is one kernel launch (no host-to-device copy, no sync), and a
+        compiled update sees the same inputs at every step. Each tensor is filled before each use, so a key needs
+        only to be unique among a step's groups (group index) and parameters ((group index, id(p)))."""
+        tensors = self._scalar_tensors.get((key, device))
+        if tensors is None:
+            tensors = {name: torch.empty((), dtype=torch.float32, device=device) for name in values}
+            self._scalar_tensors[key, device] = tensors
+        for name, value in values.items():
+            tensors[name].fill_(value)
+        return tensors
+
+
+# -----------------------------------------------------------------------------
+# the two updates, each one torch.compile'd graph with compile=True
+
+def normalized_update_(params, grads, bufs, dim: int, lr, decay, one_minus_beta):
+    """The matrix, embedding and output roles, in place: for each p, G (and momentum buffer m, when bufs is not
+    empty: m <- beta*m + (1-beta)*G, and G is m from then on), p <- p * (1 - lr*wd) - lr * G / rms(G, dim).
+
+    params, grads, bufs: lists of tensors of 2+ dims (viewed as (shape[0], -1)), of p's dtype; bufs is [] or one per
+    p. dim: 1 normalizes rows (matrix, output), 0 columns (embedding). lr, decay = 1 - lr*wd and one_minus_beta =
+    1 - beta: 0-D fp32 tensors. Computes in fp32 and rounds into p (and m) once. Returns the factors lr / rms(G),
+    (N, 1) or (1, D) fp32 each, for CPU speed (see "CPU speed" at the end of the file)."""
+    if bufs:
+        grads = [ema_(m, g, one_minus_beta) for m, g in zip(bufs, grads)]
+    factors = []
+    for p, g in zip(params, grads):
+        p, g = p.view(p.shape[0], -1), g.reshape(g.shape[0], -1).float()
+        factors.append(lr / rms(g, dim))
+        # p*(1 - lr*wd) - G * lr / rms(G). fp32 p: p.float() is p, so this runs in place and eager mode makes no
+        # temporaries; bf16 p: one fp32 copy, rounded once into p (the one write of p)
+        p.copy_(p.float().mul_(decay).addcmul_(g, factors[-1], value=-1))
+    return factors
+
+
+def adamw_update_(params, grads, exp_avgs, exp_avg_sqs, decay, one_minus_beta1, one_minus_beta2, eps, step_sizes):
+    """The vector role, in place: AdamW on each p, with m and v its moments, m <- beta1*m + (1-beta1)*g,
+    v <- beta2*v + (1-beta2)*g^2, p <- p * (1 - lr*wd) - step_size * m / (sqrt(v) + eps), where step_size =
+    lr * sqrt(1 - beta2^t) / (1 - beta1^t) is p's bias correction at its step t (Adam: Kingma & Ba, arXiv
+    1412.6980, Algorithm 1 with eps before the correction; decoupled weight decay: Loshchilov & Hutter, 1711.05101).
+
+    params, grads, exp_avgs, exp_avg_sqs: lists of tensors of one shape per p, of p's dtype. decay = 1 - lr*wd,
+    one_minus_beta1, one_minus_beta2, eps: 0-D fp32 tensors; step_sizes: one 0-D fp32 tensor per p. Computes in fp32
+    and rounds into p (and m, v) once."""
+    for p, g, m, v, step_size in zip(params, grads, exp_avgs, exp_avg_sqs, step_sizes):
+        m, v = ema_(m, g, one_minus_beta1), ema_(v, g.float().square(), one_minus_beta2)
+        p.copy_(p.float() * decay - step_size * m / (v.sqrt() + eps))  # the one write of p
+
+
+def ema_(m, x, one_minus_beta):
+    """m <- beta*m + (1-beta)*x, in place; returns the new m in fp32, which the update then reads (so eager and
+    compiled agree: the compiled graph would skip rounding m to bf16 and back). Computed in fp32: a bf16 lerp_ would
+    round its fp32 weight 1 - beta to bf16 (0.001 to 0.0009995)."""
+    new = m.float().lerp_(x.float(), one_minus_beta)  # fp32 m: in place, no temporary
+    m.copy_(new)  # fp32 m: a no-op; bf16 m: rounded once (the one write of m)
+    return new
+
+
+def rms(g, dim: int):
+    """max(sqrt(mean(g^2 over dim)), 1e-8) of a 2-D fp32 g of shape (N, D), keepdim: (N, 1) for dim=1, (1, D) for 0."""
+    if dim == 1:  # vector_norm: one pass and, in eager mode, no (N, D) temporary
+        return (torch.linalg.vector_norm(g, dim=1, keepdim=True) / g.shape[1] ** 0.5).clamp_min(1e-8)
+    return (column_sum_of_squares(g) / g.shape[0]).sqrt().clamp_min(1e-8)
+
+
+# -----------------------------------------------------------------------------
+# roles: which update each parameter gets; and the state's size
 
 def with_roles(params):
-    """Param groups with a 'role' each: a group without one is split into 'vector' (1-D) and 'matrix'."""
+    """Param groups with a 'role' each: a group without one is split into 'vector' (1-D) and 'matrix' (2+ dims),
+    with a UserWarning when it has tensors of 2+ dims (an embedding or output layer among them would get 'matrix')."""
     params = list(params)
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-    out = []
+    out, guessed = [], False
     for group in groups:
         if "role" in group:
             out.append(group)
@@ -147,13 +204,19 @@ def with_roles(params):
         for role, members in (("vector", [p for p in ps if p.ndim < 2]), ("matrix", [p for p in ps if p.ndim >= 2])):
             if members:
                 out.append({**group, "params": members, "role": role})
+                guessed |= role == "matrix"
+    if guessed:
+        warnings.warn("SCALE: params without a role get role 'matrix' (2+ dims) or 'vector' (1-D), so an embedding "
+                      "or output layer among them is row-normalized with no momentum, which is not SCALE; pass "
+                      "scale_param_groups(model)", UserWarning, stacklevel=3)
     return out
 
 
 def scale_param_groups(model, output=None):
     """Param groups by role, from the model's structure: nn.Embedding weights are 'embedding', the weight of
     `output` (default: model.lm_head) is 'output', other tensors of 2+ dims 'matrix', the rest 'vector'.
-    A weight shared by an embedding and the output layer (tied embeddings) is 'output'."""
+    A weight shared by an embedding and the output layer (tied embeddings) is 'output'.
+    Raises ValueError when there is no output layer (no model.lm_head with a weight and no `output` given)."""
     output = getattr(model, "lm_head", None) if output is None else output
     if not isinstance(output, nn.Module) or getattr(output, "weight", None) is None:
         raise ValueError("cannot find the output layer: the model has no lm_head; pass output=<the output module>")
@@ -174,3 +237,28 @@ def state_bytes(optimizers):
     """Bytes of the state tensors of any torch optimizers, scalar step counters aside: the memory SCALE saves."""
     return sum(t.numel() * t.element_size() for opt in optimizers for state in opt.state.values()
                for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
+
+
+# -----------------------------------------------------------------------------
+# CPU speed: tricks for the compiled step on CPU, which the math above does not depend on
+# - row blocks (blocks): the normalized update of a large tensor runs on blocks of whole rows that fit in cache.
+# - 64-row column sums (column_sum_of_squares): the embedding's sum over rows in two stages (on every device).
+# - returned factors: normalized_update_ returns lr / rms(G); as graph outputs, inductor computes each once per
+#   row (or column) instead of once per vector of elements, which makes the compiled bf16 step ~15% faster.
+
+BLOCK_BYTES = 2 ** 21  # of the blocks a large tensor is updated in, on CPU (see blocks)
+
+
+def blocks(t, dim: int):
+    """[t], or on CPU, for row norms (dim=1), a t of 2 * BLOCK_BYTES or more as blocks of whole rows of about
+    BLOCK_BYTES, so that the update's second read of each block (and of the momentum just written) comes from
+    cache, not memory. (Split by columns, the embedding compiles to slow strided kernels: not done.)"""
+    n_blocks = t.numel() * t.element_size() // BLOCK_BYTES if dim == 1 and t.device.type == "cpu" else 1
+    return [t] if n_blocks < 2 else t.view(t.shape[0], -1).split(-(-t.shape[0] // n_blocks))
+
+
+def column_sum_of_squares(g):
+    """sum(g^2 over rows) of a 2-D fp32 g of shape (N, D), as (1, D): blocks of 64 rows summed first, which
+    inductor's CPU code runs 2x faster than a plain column sum."""
+    k = g.shape[0] - g.shape[0] % 64
+    return g[:k].view(-1, 64, g.shape[1]).square().sum(1).sum(0, keepdim=True) + g[k:].square().sum(0, keepdim=True)

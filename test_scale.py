@@ -1,6 +1,9 @@
 """Tests for scale.py against an independent float64 transcription of the paper's update rule."""
+import contextlib
 import io
 import math
+import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -60,7 +63,7 @@ def random_grads(model, seed, dtype=None):
     gen = torch.Generator().manual_seed(seed)
     for i, p in enumerate(model.parameters()):
         g = torch.randn(p.shape, generator=gen) * (10.0 ** (i % 3 - 1))
-        p.grad = g.to(dtype or p.dtype)
+        p.grad = g.to(p.device, dtype or p.dtype)
 
 
 SCHEDULE = [(1e-2, 0.0), (3e-3, 0.1), (5e-4, 0.05), (2e-2, 0.0)]  # (lr, weight decay) per step
@@ -117,6 +120,19 @@ def test_bf16_update_rounds_once_from_fp32():
     assert (p.detach().float() - expected.float()).abs().max() <= 2 ** -8 * expected.float().abs().max()
 
 
+def test_bf16_state_is_updated_in_fp32():
+    # m <- beta*m + (1-beta)*g with 1 - beta in fp32, rounded once into bf16 (a bf16 lerp_ would round 1 - beta)
+    model = Toy().to(torch.bfloat16)
+    opt = SCALE(scale_param_groups(model), lr=1e-2)
+    random_grads(model, 0)
+    opt.step()
+    first = lambda w, x: (torch.tensor(w) * x.float()).bfloat16()  # from zero state: lerp(0, x, w) = w*x
+    g_out, g_norm = model.lm_head.weight.grad, model.norm.weight.grad
+    assert torch.equal(opt.state[model.lm_head.weight]["momentum_buffer"], first(1 - 0.9, g_out))
+    assert torch.equal(opt.state[model.norm.weight]["exp_avg"], first(1 - 0.9, g_norm))
+    assert torch.equal(opt.state[model.norm.weight]["exp_avg_sq"], first(1 - 0.999, g_norm.float().square()))
+
+
 def test_rms_is_clamped_at_1e_minus_8():
     p = nn.Parameter(torch.zeros(3, 4))
     p.grad = torch.tensor([[0.0] * 4, [1e-10] * 4, [1e-7, -1e-7, 1e-7, -1e-7]])
@@ -144,6 +160,73 @@ def test_compiled_equals_eager_and_does_not_recompile_on_lr_change(monkeypatch):
             opts[1].step()
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def record_scalars(opt):
+    """Wraps opt's two updates; returns the list that gets the keyword arguments (the 0-D tensors) of each call."""
+    calls = []
+    for name in ("_normalized_update", "_adamw_update"):
+        update = getattr(opt, name)
+        setattr(opt, name, lambda *args, update=update, **scalars: calls.append(scalars) or update(*args, **scalars))
+    return calls
+
+
+def fp32(x):
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_hyperparameters_are_0d_tensors_made_once_and_filled_in_place(compile):
+    # each step fills the same 0-D fp32 tensors with this step's values, so a compiled step sees the same inputs
+    # and a GPU step makes no host-to-device copy; after the first step, step builds no tensor from Python numbers
+    torch._dynamo.reset()
+    model = Toy()
+    opt = SCALE(scale_param_groups(model), lr=1e-2, momentum=0.8, adam_lr=0.03, adam_betas=(0.8, 0.99),
+                adam_eps=1e-6, compile=compile)
+    calls = record_scalars(opt)
+    for step, (lr, wd) in enumerate(SCHEDULE[:3]):
+        random_grads(model, step)
+        for group in opt.param_groups:
+            group["lr"], group["weight_decay"] = lr, wd
+        with contextlib.ExitStack() as stack:
+            if step > 0:
+                stack.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
+                for fn in ("tensor", "as_tensor"):
+                    stack.enter_context(mock.patch.object(torch, fn, side_effect=AssertionError(f"torch.{fn} in step")))
+            opt.step()
+    assert len(calls) == 3 * 4  # matrix, embedding, output, vector at each step
+    flat = lambda kwargs: [t for v in kwargs.values() for t in (v if isinstance(v, list) else [v])]
+    for first, last in zip(calls[:4], calls[-4:]):
+        assert len(flat(first)) == len(flat(last)) and all(a is b for a, b in zip(flat(first), flat(last)))
+        assert all(t.shape == () and t.dtype == torch.float32 and t.device.type == "cpu" for t in flat(last))
+    lr, wd = SCHEDULE[2]
+    for kwargs in calls[-4:-1]:
+        assert {k: t.item() for k, t in kwargs.items()} == dict(lr=fp32(lr), decay=fp32(1 - lr * wd),
+                                                               one_minus_beta=fp32(1 - 0.8))
+    adam_lr = 0.03 * lr / 1e-2
+    kwargs = dict(calls[-1])
+    assert [t.item() for t in kwargs.pop("step_sizes")] == 4 * [fp32(adam_lr * (1 - 0.99 ** 3) ** 0.5 / (1 - 0.8 ** 3))]
+    assert {k: t.item() for k, t in kwargs.items()} == dict(
+        decay=fp32(1 - adam_lr * wd), eps=fp32(1e-6), one_minus_beta1=fp32(1 - 0.8), one_minus_beta2=fp32(1 - 0.99))
+    sd = opt.state_dict()  # derived from the param groups: not saved
+    assert not any(torch.is_tensor(v) for g in sd["param_groups"] for v in g.values())
+    assert {k for s in sd["state"].values() for k in s} == {"momentum_buffer", "step", "exp_avg", "exp_avg_sq"}
+
+
+def test_adamw_bias_correction_counts_each_parameters_own_steps():
+    model = Toy()
+    opt = SCALE(scale_param_groups(model), lr=1e-2, adam_betas=(0.8, 0.99))
+    calls = record_scalars(opt)
+    for step in range(3):
+        random_grads(model, step)
+        if step == 1:
+            model.norm.bias.grad = None  # skipped at the second step
+        opt.step()
+    vectors = [p for g in opt.param_groups if g["role"] == "vector" for p in g["params"]]
+    steps = [opt.state[p]["step"] for p in vectors]
+    assert steps == [3 - (p is model.norm.bias) for p in vectors] and 2 in steps
+    expected = [fp32(1e-2 * (1 - 0.99 ** t) ** 0.5 / (1 - 0.8 ** t)) for t in steps]
+    assert [t.item() for t in calls[-1]["step_sizes"]] == expected
 
 
 def test_state_holds_exactly_output_momentum_and_vector_moments():
@@ -221,8 +304,26 @@ def test_roles_of_tied_toy_and_explicit_output():
 
 def test_groups_without_role_split_by_ndim():
     model = Toy()
-    opt = SCALE(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning):
+        opt = SCALE(model.parameters(), lr=1e-3)
     assert [(g["role"], len(g["params"])) for g in opt.param_groups] == [("vector", 4), ("matrix", 4)]
+
+
+def test_params_without_roles_warn_naming_scale_param_groups():
+    model = Toy()
+    with pytest.warns(UserWarning) as record:
+        SCALE(model.parameters())
+    assert len(record) == 1 and record[0].filename == __file__  # points at the caller's line
+    assert str(record[0].message) == (
+        "SCALE: params without a role get role 'matrix' (2+ dims) or 'vector' (1-D), so an embedding or output layer "
+        "among them is row-normalized with no momentum, which is not SCALE; pass scale_param_groups(model)")
+    with pytest.warns(UserWarning, match=r"pass scale_param_groups\(model\)$"):
+        SCALE([{"params": [model.lm_head.weight], "role": "output"}, {"params": [model.fc.weight]}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # roles given, or only 1-D params (AdamW either way): no warning
+        SCALE(scale_param_groups(model))
+        SCALE([{"params": [model.lm_head.weight], "role": "matrix"}])
+        SCALE([model.norm.weight, model.fc.bias])
 
 
 def test_closure_none_grads_zero_grad_and_lr_scheduler():
@@ -278,4 +379,77 @@ def test_bad_roles_and_gradients():
     c = nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
     c.grad = torch.randn(4, 4, dtype=torch.complex64)
     with pytest.raises(ValueError, match=r"^SCALE does not support sparse or complex gradients"):
-        SCALE([c]).step()
+        SCALE([{"params": [c], "role": "matrix"}]).step()
+
+
+# -----------------------------------------------------------------------------
+# compiled against eager, and on a GPU (skipped without CUDA)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_equals_eager_at_each_step(device, dtype, monkeypatch):
+    monkeypatch.setattr(scale, "BLOCK_BYTES", 384)  # on CPU, lm_head and its momentum in blocks of rows
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    models = [Toy().to(device, dtype) for _ in range(2)]  # all four roles
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [SCALE(scale_param_groups(m), lr=1e-2, compile=c) for m, c in zip(models, (False, True))]
+    for step, (lr, wd) in enumerate(SCHEDULE):
+        for m, opt in zip(models, opts):
+            random_grads(m, step)
+            for group in opt.param_groups:
+                group["lr"], group["weight_decay"] = lr, wd
+        opts[0].step()
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            opts[1].step()
+        for a, b in zip(*(m.parameters() for m in models)):
+            state_a, state_b = ({k: t for k, t in o.state[p].items() if torch.is_tensor(t)}
+                                for o, p in zip(opts, (a, b)))
+            assert state_a.keys() == state_b.keys()
+            # params and state, from the same ones at each step: fp32 math a few fp32 ulps apart (8 ulps of the
+            # tensor's largest element for near-zero results), which in bf16 may round to neighbouring bf16 values
+            for t_b, t_a in zip([b, *state_b.values()], [a, *state_a.values()]):
+                torch.testing.assert_close(t_b.float(), t_a.float(), rtol=1e-6 if dtype == torch.float32 else 2 ** -7,
+                                           atol=2 ** -20 * t_a.abs().max().item())
+            with torch.no_grad():
+                b.copy_(a)
+                for k, t in state_b.items():
+                    t.copy_(state_a[k])
+
+
+def host_to_device_copies(fn):
+    """Names of the host-to-device copies the GPU made while fn() ran, as torch.profiler records them."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "HtoD" in e.name]
+
+
+@cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_step_makes_no_sync_and_no_host_to_device_copy(compile):
+    torch._dynamo.reset()
+    model = Toy().cuda()
+    opt = SCALE(scale_param_groups(model), lr=1e-2, weight_decay=0.1, compile=compile)
+
+    def step_raising_on_sync():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    assert host_to_device_copies(lambda: torch.ones(3).cuda())  # the profiler sees one
+    for step in range(3):
+        random_grads(model, step)
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 / (step + 1)
+        torch.cuda.synchronize()
+        if step == 0:
+            opt.step()  # makes the state and the 0-D hyperparameter tensors (and compiles)
+        else:
+            assert host_to_device_copies(step_raising_on_sync) == []
