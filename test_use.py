@@ -117,9 +117,11 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(runs, capsys):
 
 def test_generation_beyond_the_context_slides_the_window(runs):
     model, ids, _ = prompt_ids(runs["float32"])
-    out = sample.generate(model, torch.tensor([ids]), 40, temperature=0)  # 4 + 40 tokens > seq_len 32
-    last = model(out[:, -33:-1])[0][0, -1].argmax()  # the last token saw the 32 before it
-    assert out.shape[1] == len(ids) + 40 and out[0, -1] == last
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    out = sample.generate(model, torch.tensor([ids]), 40, temperature=0)  # 5 + 40 tokens > seq_len 32
+    assert out.shape[1] == len(ids) + 40 and [x.shape[1] for x in seen] == list(range(5, 32)) + [32] * 13
+    assert all(torch.equal(x, out[:, i + 1:i + 33]) for i, x in enumerate(seen[-12:]))  # the last 32 tokens
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "mixed"])
@@ -241,10 +243,12 @@ def test_greedy_equals_hf_generate(runs, tmp_path):
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_export(runs["float32"], tmp_path), local_files_only=True)
     hf.generation_config.eos_token_id = None  # ours does not stop at <|endoftext|>
     model, ids, _ = prompt_ids(runs["float32"])
-    x = torch.tensor([ids])
-    ours = sample.generate(model, x, 28, temperature=0)  # 4 + 28 tokens: within the context of 32
-    theirs = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=28)
-    assert theirs.tolist() == ours.tolist()
+    data_dir = data_dir_of(runs["float32"])
+    windows, _ = Windows(data_dir, load_meta(data_dir), "val", 32).batch(np.arange(8))
+    for x in (torch.tensor([ids]), windows[:, :12]):  # our prompt; 8 prompts of 12 tokens from val text
+        ours = sample.generate(model, x, 32 - x.shape[1], temperature=0)  # up to the context of 32
+        theirs = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=32 - x.shape[1])
+        assert theirs.tolist() == ours.tolist()
 
 
 def test_exported_byte_tokenizer_loads_offline_and_encodes_like_tiktoken(runs, tmp_path):
