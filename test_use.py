@@ -208,7 +208,8 @@ def test_sample_subprocess_error_is_one_line_on_stderr(tmp_path):
     p = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "no.pt")], cwd=HERE,
                        capture_output=True, text=True)
     assert p.returncode == 1 and p.stdout == ""
-    assert p.stderr == f"error: no checkpoint at {tmp_path}/no.pt; pass a train.py checkpoint, e.g. --ckpt out/tiny/ckpt.pt\n"
+    assert p.stderr == (f"error: no checkpoint at {tmp_path}/no.pt; pass a train.py checkpoint, "
+                        "e.g. --ckpt out/tiny/ckpt.pt\n")
 
 
 # -----------------------------------------------------------------------------
