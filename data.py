@@ -180,14 +180,14 @@ class TrainBatches:
         return self.windows.batch(idx)
 
 
-def val_batches(data_dir, seq_len, batch_size, eval_tokens, rank=0, world_size=1):
-    """The first ceil(eval_tokens/seq_len) val windows; rank r takes windows r, r+W, ... in batches.
-    Checks its input when called, before the first batch is asked for."""
-    windows = Windows(data_dir, load_meta(data_dir), "val", seq_len)
+def val_batches(data_dir, seq_len, batch_size, eval_tokens, rank=0, world_size=1, split="val"):
+    """The first ceil(eval_tokens/seq_len) windows of a split (val unless told); rank r takes windows r, r+W, ...
+    in batches. Checks its input when called, before the first batch is asked for."""
+    windows = Windows(data_dir, load_meta(data_dir), split, seq_len)
     n = -(-eval_tokens // seq_len)
     if n > windows.count:
-        raise DataError(f"eval_tokens={eval_tokens} needs {n} val windows of {seq_len + 1} tokens but the val split "
-                        f"of {data_dir} has {windows.n_tokens} tokens ({windows.count} windows); "
-                        "lower eval_tokens or prepare more val data")
+        raise DataError(f"eval_tokens={eval_tokens} needs {n} {split} windows of {seq_len + 1} tokens but the {split} "
+                        f"split of {data_dir} has {windows.n_tokens} tokens ({windows.count} windows); "
+                        f"lower eval_tokens or prepare more {split} data")
     mine = np.arange(rank, n, world_size)
     return (windows.batch(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import config
+from export_hf import hf_config, hf_name
 from model import SHAPE, LinearCrossEntropy, LLaMA, LLaMAConfig, peak_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -203,27 +204,12 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
 
 
-def hf_name(name):
-    """Our parameter name -> LlamaForCausalLM's."""
-    if name == "lm_head.weight":
-        return name
-    name = name.replace("tok_embeddings", "embed_tokens").replace(".attn_norm", ".input_layernorm")
-    name = name.replace(".mlp_norm", ".post_attention_layernorm").replace(".attn.", ".self_attn.")
-    return "model." + name
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_same_as_hf_llama(attn):
     transformers = pytest.importorskip("transformers", reason="transformers not installed: parity test against LlamaForCausalLM skipped")
     torch.manual_seed(0)
     ours = tiny_model(n_layers=3, max_seq_len=128)
-    cfg = ours.config
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, hidden_act="silu",
-        attention_dropout=0.0, attn_implementation=attn)
+    hf_cfg = hf_config(ours.config, attn_implementation=attn)  # export_hf.py's config and names
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf_params = dict(hf.named_parameters())
     assert len(hf_params) == len(list(ours.parameters())) and hf.num_parameters() == ours.num_params()

@@ -116,9 +116,10 @@ def latest_checkpoint(out_dir):
     return next((p for p in (os.path.join(out_dir, n) for n in (CKPT, PREV_CKPT)) if os.path.exists(p)), None)
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, resuming=True):
     """torch.load a checkpoint (memory-mapped, weights only) -> dict; a file that cannot be read is a one-line
-    ValueError that names it and says how to resume from the previous checkpoint."""
+    ValueError that names it and says how to resume from the previous checkpoint (resuming=False: that the
+    previous checkpoint can be used instead, for sample.py, eval.py and export_hf.py)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         ckpt["step"], ckpt["config"], ckpt["model"], ckpt["optimizers"], ckpt["rng"]  # KeyError if incomplete
@@ -127,7 +128,10 @@ def read_checkpoint(path):
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     prev = os.path.join(os.path.dirname(path), PREV_CKPT)
     if os.path.basename(path) != PREV_CKPT and os.path.exists(prev):
-        advice = f"move it away and re-run to resume from the previous checkpoint, {prev}"
+        advice = (f"move it away and re-run to resume from the previous checkpoint, {prev}" if resuming else
+                  f"use the previous checkpoint, {prev}, instead")
+    elif not resuming:
+        advice = "no earlier checkpoint is kept next to it: pass another one"
     else:
         advice = "no earlier checkpoint is kept: start over with --overwrite=True or another --out_dir"
     raise ValueError(f"{path} is damaged and cannot be read ({why}); {advice}")
@@ -244,11 +248,12 @@ def to_device(t, device):
 
 
 @torch.no_grad()
-def evaluate(model, cfg, rank, world_size, device, autocast, log):
-    """-> mean per-token loss over the first eval_tokens val tokens (split over ranks; the same for any world
-    size), its perplexity, and the seconds it took. A long eval logs its progress every 10 s."""
+def evaluate(model, cfg, rank, world_size, device, autocast, log, split="val"):
+    """-> mean per-token loss over the first eval_tokens tokens of a split (val unless told), its perplexity, and the
+    seconds it took. The windows are split over ranks: the same tokens for any world size, but each batch's mean
+    rounds in fp32, so the last digits depend on batch_size and world size. A long eval logs progress every 10 s."""
     t0 = last_report = time.time()
-    batches = val_batches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rank, world_size)
+    batches = val_batches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rank, world_size, split)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of token losses, tokens
     for x, y in batches:
         with autocast:
@@ -263,6 +268,11 @@ def evaluate(model, cfg, rank, world_size, device, autocast, log):
         dist.all_reduce(total)
     loss = total[0] / total[1]
     return loss.item(), loss.exp().item(), time.time() - t0
+
+
+def autocast_for(dtype, device):
+    """The forward's autocast context for a run's dtype: bf16 autocast for "mixed", none otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "mixed" else nullcontext()
 
 
 def check_losses(losses, first_step, saved, ckpt_path):
@@ -350,7 +360,7 @@ def train(cfg):
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.fp32_precision = "tf32"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "mixed" else nullcontext()
+    autocast = autocast_for(cfg.dtype, device)
     batches, model_cfg = check_inputs(cfg, rank, world_size)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)

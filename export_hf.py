@@ -1,0 +1,131 @@
+"""
+Export a train.py checkpoint as a Hugging Face model directory, for transformers' generate and lm-evaluation-harness:
+
+    python export_hf.py --ckpt out/tiny/ckpt.pt --out_dir hf/tiny
+    lm_eval --model hf --model_args pretrained=hf/tiny --tasks hellaswag --batch_size 16
+
+The directory holds config.json, generation_config.json and model.safetensors, written by
+transformers.LlamaForCausalLM.save_pretrained (model.py is the same network: the logits are ours), in the
+checkpoint's param dtype (bf16 for dtype=bfloat16, else fp32), and the checkpoint's tiktoken tokenizer converted by
+transformers' TikTokenConverter (tokenizer.json, tokenizer_config.json; <|endoftext|> is its bos and eos token), so
+AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it offline. Needs transformers
+(pip install transformers); the rest of the repo does not.
+"""
+import os
+import shutil
+import sys
+
+import torch
+
+from sample import ArgumentParser, checkpoint_tokenizer, load_model
+
+# strings the converted tokenizer must encode exactly as tiktoken does before anything is written
+CHECK_TEXTS = ("Hello, world! It's 2024.", "  leading spaces\n\nand\ttabs \r\n", "naïve café, 日本語, emoji 🎉🚀",
+               "12345 + 678 = 13023", "one doc<|endoftext|>the next", "")
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("export_hf.py needs transformers: pip install transformers") from None
+    return transformers
+
+
+def hf_name(name):
+    """Our parameter name -> LlamaForCausalLM's."""
+    if name == "lm_head.weight":
+        return name
+    name = name.replace("tok_embeddings", "embed_tokens").replace(".attn_norm", ".input_layernorm")
+    name = name.replace(".mlp_norm", ".post_attention_layernorm").replace(".attn.", ".self_attn.")
+    return "model." + name
+
+
+def hf_config(cfg, eot_id=None, **kwargs):
+    """The transformers.LlamaConfig of a model.LLaMAConfig (the same network; test_model.py checks the logits),
+    with eot_id as its bos and eos token; kwargs go to LlamaConfig (e.g. attn_implementation)."""
+    return import_transformers().LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, hidden_act="silu", attention_dropout=0.0,
+        bos_token_id=eot_id, eos_token_id=eot_id, **kwargs)
+
+
+def hf_model(model, eot_id=None):
+    """Our LLaMA -> a transformers.LlamaForCausalLM holding its weights (the same tensors, not copies) in their dtype."""
+    transformers = import_transformers()
+    with torch.device("meta"):  # no random init: the weights are assigned below
+        hf = transformers.LlamaForCausalLM(hf_config(model.config, eot_id))
+    hf.load_state_dict({hf_name(k): v for k, v in model.state_dict().items()}, strict=True, assign=True)
+    return hf.eval()
+
+
+def hf_tokenizer(enc, eot_id, context):
+    """A tiktoken Encoding -> a transformers fast tokenizer that encodes as it does (byte-level BPE with its ranks,
+    pattern and special tokens), with the eot token as bos and eos and model_max_length = context. Raises ValueError
+    if the conversion does not encode CHECK_TEXTS exactly as tiktoken does."""
+    transformers = import_transformers()
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class FromRanks(TikTokenConverter):  # the ranks in memory, not a .tiktoken file (which tiktoken caches by path)
+        def load_tiktoken_bpe(self, ranks):
+            return ranks
+
+    ranks = enc._mergeable_ranks  # tiktoken has no public accessor; transformers' own converter reads these too
+    special = {i: token for token, i in enc._special_tokens.items()}
+    # added tokens take the ids after the BPE vocab in turn: placeholders keep each special token at its id
+    added = [special.get(i, f"<|unused_{i}|>") for i in range(len(ranks), enc.n_vocab)]
+    converted = FromRanks(vocab_file=ranks, pattern=enc._pat_str, extra_special_tokens=added).converted()
+    eot = enc.decode([eot_id])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=eot, eos_token=eot,
+                                               model_max_length=context)
+    for text in CHECK_TEXTS:
+        ours, theirs = enc.encode(text, allowed_special="all"), tok.encode(text)
+        if ours != theirs:
+            raise ValueError(f"the Hugging Face conversion of tokenizer {enc.name} encodes {text!r} as {theirs}, "
+                             f"tiktoken as {ours}; nothing was written (please report this)")
+    return tok
+
+
+def write_dir(out_dir, overwrite, write):
+    """write(tmp) into a fresh directory next to out_dir, then move it to out_dir (replacing it with overwrite)."""
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp, old = f"{out_dir}.{os.getpid()}.tmp", f"{out_dir}.{os.getpid()}.old"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export of this pid, if any
+    os.mkdir(tmp)
+    try:
+        write(tmp)
+        if os.path.exists(out_dir):  # overwrite: checked in main
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None):
+    p = ArgumentParser(prog="export_hf.py", description="Export a train.py checkpoint as a Hugging Face model dir.")
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint, e.g. out/tiny/ckpt.pt, or a run's out_dir")
+    p.add_argument("--out_dir", required=True, help="the directory to write (it must not exist, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--tokenizer", help="for a checkpoint that does not record it: the tokenizer of its data (byte, gpt2)")
+    try:
+        args = p.parse_args(argv)
+        if os.path.exists(args.out_dir) and not args.overwrite:
+            raise ValueError(f"{args.out_dir} exists; pass --overwrite to replace it, or another --out_dir")
+        import_transformers()
+        model, info = load_model(args.ckpt, torch.device("cpu"))
+        enc, eot_id = checkpoint_tokenizer(info, args.tokenizer)
+        hf, tok = hf_model(model, eot_id), hf_tokenizer(enc, eot_id, model.config.max_seq_len)
+    except ValueError as e:  # bad input (DataError is a ValueError)
+        sys.exit(f"error: {e}")
+    write_dir(args.out_dir, args.overwrite, lambda d: (hf.save_pretrained(d), tok.save_pretrained(d)))
+    print(f"wrote {args.out_dir}: LlamaForCausalLM with the weights of {info['path']} (step {info['step']}, "
+          f"{model.num_params():,} parameters in {hf.dtype}) and tokenizer {enc.name}; load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({args.out_dir!r})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
