@@ -44,9 +44,8 @@ KEYS = {
     "eval_tokens": (10_000_000, "> 0", "validation tokens per evaluation"),
     "log_every": (10, "> 0", "steps between log lines"),
     "ckpt_every": (1000, "> 0", "steps between checkpoints (out_dir/ckpt.pt)"),
-    "data_dir": ("data/c4", None, "prepared data (prepare_c4.py --out_dir)"),
-    "data_source": ("", None, "json files to prepare data_dir from (byte tokenizer) when it has no dataset yet; "
-                              "empty = none"),
+    "data_dir": ("data/c4", None, "prepared data (prepare_c4.py --out_dir); data/kjv_byte, the bundled sample, is "
+                              "prepared on first use"),
     "out_dir": ("out", None, "where log.jsonl and ckpt.pt go"),
     "wandb_project": ("", None, "also log to this wandb project; empty = no wandb"),
     # system

@@ -197,7 +197,17 @@ def install(out_dir, meta):
 
 
 # -----------------------------------------------------------------------------
-# first use: train.py prepares its data_dir from data_source (configs/tiny.py: the bundled sample, assets/kjv)
+# first use: a data dir named after a bundled sample is prepared from it when train.py first reads it
+
+BUNDLED = {"kjv_byte": "assets/kjv"}  # data dir name: the sample in this repository (assets/kjv/SOURCE.md)
+
+
+def bundled_source(data_dir):
+    """The bundled sample (an absolute path) that a data dir of this name is prepared from, or None: data_dir
+    is e.g. data/kjv_byte, which configs/tiny.py reads."""
+    name = BUNDLED.get(os.path.basename(os.path.normpath(data_dir)))
+    return name and os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+
 
 def prepare_once(out_dir, source):
     """Prepare the json files at source (a C4 clone, dir or glob, read as --data_dir reads them) into out_dir
@@ -223,7 +233,9 @@ def prepare_once(out_dir, source):
     tmp = os.path.join(parent, f"{name}.tmp-{os.getpid()}-{socket.gethostname()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a dead process that had our pid
     seconds = max(1, round(sum(os.path.getsize(f) for fs in files.values() for f in fs) / 3e6))  # ~3 MB/s of input
-    print(f"preparing {out_dir} from {source} with the byte tokenizer (first run, ~{seconds} s)", flush=True)
+    shown = os.path.relpath(source, os.path.dirname(os.path.abspath(__file__)))
+    shown = source if shown.startswith("..") else shown  # the bundled ones: relative to the repository
+    print(f"preparing {out_dir} from {shown} with the byte tokenizer (first run, ~{seconds} s)", flush=True)
     try:
         main(["--out_dir", tmp, "--data_dir", source, "--tokenizer", "byte", "--workers", "1"])
     except BaseException:

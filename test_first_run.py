@@ -1,6 +1,6 @@
 """Tests for the first run on the bundled sample: assets/kjv is the King James Bible by chapter, and
-configs/tiny.py prepares it into data/kjv_byte on first use (prepare_c4.prepare_once), once, safely for runs
-at once and killed runs. CPU, offline."""
+configs/tiny.py reads data/kjv_byte, which train.py prepares from it on first use (prepare_c4.prepare_once), once,
+safely for runs at once and killed runs. CPU, offline."""
 import gzip
 import hashlib
 import json
@@ -168,17 +168,18 @@ def test_a_dir_that_is_not_a_dataset_is_an_error_and_left_alone(tmp_path, monkey
     assert (out / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--data_source=no/such/dir"], "error: data source no/such/dir does not exist in {cwd}; run from the directory "
-                                    "it is relative to or give its absolute path"),
-    (["--data_source="], "error: data dir {data} does not exist; run prepare_c4.py --out_dir {data} first"),
-])
-def test_bad_data_source_and_no_data_source_are_one_line_errors(tmp_path, args, expected):
-    data = tmp_path / "kjv_byte"
+@pytest.mark.parametrize("name", ["mine", "kjv_bytes", "kjv"])
+def test_a_data_dir_not_named_after_a_bundled_sample_is_never_prepared(tmp_path, name):
+    data = tmp_path / name  # e.g. a typo in --data_dir: the usual error, not a copy of the sample
     with pytest.raises(SystemExit) as e:
-        train.main([os.path.join(HERE, "configs", "tiny.py"), f"--data_dir={data}", *args])
-    assert e.value.code == expected.format(cwd=os.getcwd(), data=data)
+        train.main([os.path.join(HERE, "configs", "tiny.py"), f"--data_dir={data}"])
+    assert e.value.code == f"error: data dir {data} does not exist; run prepare_c4.py --out_dir {data} first"
     assert os.listdir(tmp_path) == []
+
+
+def test_only_the_bundled_names_have_a_source():
+    assert prepare_c4.bundled_source("data/kjv_byte") == prepare_c4.bundled_source("/x/kjv_byte/") == KJV
+    assert prepare_c4.bundled_source("data/c4") is None and prepare_c4.bundled_source("kjv") is None
 
 
 @pytest.mark.skipif(os.name != "posix", reason="temp dirs are cleaned by pid on POSIX only")
@@ -208,8 +209,11 @@ def test_a_first_run_killed_while_preparing_leaves_no_dataset_and_the_next_run_p
     os.symlink(os.path.join(KJV, FILES["train"]), source / "kjv_train.json.gz")
     os.mkfifo(source / "kjv_val.json.gz")
     data = tmp_path / "data" / "kjv_byte"
-    args = [f"--data_source={source}", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"]
-    proc = subprocess.Popen(tiny(*args), cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # train.py with the bundled sample's source replaced by this one
+    patched = [sys.executable, "-c", "import sys, prepare_c4, train; prepare_c4.BUNDLED['kjv_byte'] = sys.argv[1]; "
+               "train.main(sys.argv[2:])", str(source)] + tiny()[2:]
+    args = [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"]
+    proc = subprocess.Popen(patched + args, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     staged = data.parent / f"kjv_byte.tmp-{proc.pid}-{socket.gethostname()}" / "train_000000.bin.new"
     try:
         deadline = time.time() + 120
@@ -223,7 +227,7 @@ def test_a_first_run_killed_while_preparing_leaves_no_dataset_and_the_next_run_p
 
     os.remove(source / "kjv_val.json.gz")
     os.symlink(os.path.join(KJV, FILES["val"]), source / "kjv_val.json.gz")
-    rerun = run_tiny(*args)
+    rerun = subprocess.run(patched + args, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"preparing {data} from {source}" in rerun.stdout
     assert os.listdir(data.parent) == ["kjv_byte"]  # the killed run's temp dir is gone

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from config import DEFAULTS, help_text, load_config
 from data import TrainBatches, val_batches, write_atomic
 from model import SHAPE, LLaMA, LLaMAConfig, peak_flops
-from prepare_c4 import prepare_once
+from prepare_c4 import bundled_source, prepare_once
 from scale import SCALE, scale_param_groups, state_bytes
 
 
@@ -303,10 +303,10 @@ def git_commit():
 
 def check_inputs(cfg, rank=0, world_size=1):
     """Check the data and the model shape of a config before anything runs -> (TrainBatches, LLaMAConfig).
-    A data_dir with no dataset yet is first prepared from data_source, if the config has one. Raises DataError or
-    ValueError with a one-line message."""
-    if cfg.data_source:  # prepared on first use; safe for all ranks (or runs) at once
-        prepare_once(cfg.data_dir, cfg.data_source)
+    A data_dir named after a bundled sample (data/kjv_byte) is first prepared from it if it has no dataset yet.
+    Raises DataError or ValueError with a one-line message."""
+    if bundled_source(cfg.data_dir):  # on first use; safe for all ranks (or runs) at once
+        prepare_once(cfg.data_dir, bundled_source(cfg.data_dir))
     batches = TrainBatches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.total_batch_size, rank, world_size, cfg.seed)
     val_batches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rank, world_size)  # checks when called
     return batches, LLaMAConfig.from_config(vars(cfg), batches.vocab_size)

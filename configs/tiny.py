@@ -21,8 +21,7 @@ eval_tokens = 32768
 log_every = 10
 ckpt_every = 100
 
-data_dir = "data/kjv_byte"
-data_source = "assets/kjv"  # the bundled sample (assets/kjv/SOURCE.md); set data_source = "" for your own data_dir
+data_dir = "data/kjv_byte"  # the bundled sample (assets/kjv/SOURCE.md), prepared on first use
 out_dir = "out/tiny"
 dtype = "float32"
 compile = False
