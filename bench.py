@@ -193,7 +193,9 @@ def measure_training(cfg, batch_size, device, peer=True, compile=True, warmup=2,
         return loss_of(fwd), SCALE(scale_param_groups(model), lr=1e-3, compile=compile)
 
     def hf():
-        model = build_hf(cfg).to(device, torch.bfloat16)
+        with device:
+            model = build_hf(cfg)
+        model.to(torch.bfloat16)
         return hf_loss_of(model, cfg.vocab_size), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
 
     start(OURS, ours)

@@ -91,10 +91,10 @@ def rel_error(x, ref):
 @pytest.fixture
 def fp32_matmuls():
     """train.py lets CUDA run fp32 matmuls in TF32; a test of fp32 precision runs them in fp32 (restored after)."""
-    before = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     yield
-    torch.backends.cuda.matmul.fp32_precision = before
+    torch.set_float32_matmul_precision(before)
 
 
 # -----------------------------------------------------------------------------
@@ -166,6 +166,8 @@ def test_each_optimizer_in_each_dtype_trains(device, optimizer, dtype, byte_data
     assert val[-1] < val[0] - 1.0, val
     device_name = start_record(records)["device"]
     assert (device_name == "cpu") == (device == "cpu")
+    if device == "cuda":  # TF32 on, and torch's flags readable (torch raises when its legacy and new ones disagree)
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
     peaks = events(records, "train", "peak_mem_bytes")
     assert all(p is None for p in peaks) if device == "cpu" else all(p > 0 for p in peaks)
     ckpt = load_ckpt(tmp_path)
@@ -175,47 +177,6 @@ def test_each_optimizer_in_each_dtype_trains(device, optimizer, dtype, byte_data
     assert state and {t.dtype for t in state} == {PARAM_DTYPE[dtype]}
     element_size = torch.tensor([], dtype=PARAM_DTYPE[dtype]).element_size()
     assert state_bytes_logged(records) == element_size * compare.state_numel(tiny_model(), optimizer)
-
-
-@pytest.fixture(scope="module")
-def run_60m(byte_data, tmp_path_factory):
-    """LLaMA-60M's shape (with the byte vocab) in bf16 with torch.compile and SCALE, the paper's lr, 30 steps of
-    32 x 256 tokens, in its own process as a user runs it; checkpoints at steps 20 (ckpt_prev.pt) and 30."""
-    out = str(tmp_path_factory.mktemp("run_60m"))
-    args = ["train.py", os.path.join(HERE, "configs", "llama_60m.py"), f"--data_dir={byte_data}", f"--out_dir={out}",
-            "--total_batch_size=32", "--batch_size=32", "--max_steps=30", "--warmup_steps=5", "--eval_every=30",
-            "--eval_tokens=8192", "--log_every=1", "--ckpt_every=20", "--dtype=bfloat16", "--compile=True"]
-    p = run_train(args, "cuda")
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out, args
-
-
-@cuda_only
-def test_60m_bf16_compiled_run_learns_and_reports_mfu_and_memory(run_60m):
-    out, _ = run_60m
-    records = read_log(out)
-    losses = events(records, "train", "loss")
-    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
-    val = events(records, "eval", "val_loss")
-    assert val[-1] < val[0] - 0.5, val
-    device_name = start_record(records)["device"]
-    for r in (r for r in records if r["event"] == "train"):
-        assert r["peak_mem_bytes"] > 0 and (r["mfu"] is None) == (peak_flops(device_name) is None)
-    assert {t.dtype for t in load_ckpt(out)["model"].values()} == {torch.bfloat16}
-
-
-@cuda_only
-def test_60m_bf16_compiled_resume_continues_the_run(run_60m, tmp_path):
-    """Resumed from step 20, the run's losses to step 30 are the uninterrupted run's within
-    RESUME_TOL_BF16_COMPILED (flash attention's backward is not deterministic)."""
-    whole, args = run_60m
-    out = without_last_checkpoint(whole, tmp_path)
-    p = run_train([a.replace(whole, out) for a in args] + ["--resume=True"], "cuda")
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert f"resuming from {out}/ckpt_prev.pt at step 20" in p.stdout
-    resumed, expected = losses_after(read_log(out), 20), losses_after(read_log(whole), 20)
-    assert resumed.keys() == expected.keys() == set(range(21, 31))
-    assert resumed == pytest.approx(expected, abs=RESUME_TOL_BF16_COMPILED)
 
 
 @pytest.fixture(scope="module", params=DEVICES)
@@ -301,3 +262,47 @@ def test_training_steps_make_no_host_sync(optimizer, byte_data, tmp_path):
     per_4_steps = syncs(8) - syncs(4)
     assert not per_4_steps, (f"{sum(per_4_steps.values()) / 4:g} host syncs per step, at "
                              + ", ".join(f"{where} x{n / 4:g}" for where, n in per_4_steps.items()))
+
+
+# -----------------------------------------------------------------------------
+# LLaMA-60M's shape in bf16 with torch.compile (last: the slowest, about a minute of compilation on a GPU)
+
+@pytest.fixture(scope="module")
+def run_60m(byte_data, tmp_path_factory):
+    """LLaMA-60M's shape (with the byte vocab) in bf16 with torch.compile and SCALE, the paper's lr, 30 steps of
+    32 x 256 tokens, in its own process as a user runs it; checkpoints at steps 20 (ckpt_prev.pt) and 30."""
+    out = str(tmp_path_factory.mktemp("run_60m"))
+    args = ["train.py", os.path.join(HERE, "configs", "llama_60m.py"), f"--data_dir={byte_data}", f"--out_dir={out}",
+            "--total_batch_size=32", "--batch_size=32", "--max_steps=30", "--warmup_steps=5", "--eval_every=30",
+            "--eval_tokens=8192", "--log_every=1", "--ckpt_every=20", "--dtype=bfloat16", "--compile=True"]
+    p = run_train(args, "cuda")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, args
+
+
+@cuda_only
+def test_60m_bf16_compiled_run_learns_and_reports_mfu_and_memory(run_60m):
+    out, _ = run_60m
+    records = read_log(out)
+    losses = events(records, "train", "loss")
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    val = events(records, "eval", "val_loss")
+    assert val[-1] < val[0] - 0.5, val
+    device_name = start_record(records)["device"]
+    for r in (r for r in records if r["event"] == "train"):
+        assert r["peak_mem_bytes"] > 0 and (r["mfu"] is None) == (peak_flops(device_name) is None)
+    assert {t.dtype for t in load_ckpt(out)["model"].values()} == {torch.bfloat16}
+
+
+@cuda_only
+def test_60m_bf16_compiled_resume_continues_the_run(run_60m, tmp_path):
+    """Resumed from step 20, the run's losses to step 30 are the uninterrupted run's within
+    RESUME_TOL_BF16_COMPILED (flash attention's backward is not deterministic)."""
+    whole, args = run_60m
+    out = without_last_checkpoint(whole, tmp_path)
+    p = run_train([a.replace(whole, out) for a in args] + ["--resume=True"], "cuda")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming from {out}/ckpt_prev.pt at step 20" in p.stdout
+    resumed, expected = losses_after(read_log(out), 20), losses_after(read_log(whole), 20)
+    assert resumed.keys() == expected.keys() == set(range(21, 31))
+    assert resumed == pytest.approx(expected, abs=RESUME_TOL_BF16_COMPILED)

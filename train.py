@@ -348,8 +348,8 @@ def train(cfg):
     if master:
         print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in vars(cfg).items()), flush=True)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    if device.type == "cuda":  # fp32 matmuls in TF32; this API keeps torch's legacy and new TF32 flags consistent
+        torch.set_float32_matmul_precision("high")  # (with only the new one set, reading the legacy one raises)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "mixed" else nullcontext()
     batches, model_cfg = check_inputs(cfg, rank, world_size)
     torch.manual_seed(cfg.seed)
