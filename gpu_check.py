@@ -417,7 +417,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="default: all")
-    p.add_argument("--budget", type=float, default=450, help="seconds for all parts (default 450)")
+    p.add_argument("--budget", type=float, default=440, help="seconds for all parts (default 440)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the dry run, with --tiny")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, 1-2 steps, no compile: checks the code paths")
     p.add_argument("--sizes", nargs="+", choices=[r[0] for r in bench.GPU_RUNS], help="only these model sizes")

@@ -11,7 +11,6 @@ import torch
 
 import compare
 import gpu_check
-from config import paper_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

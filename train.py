@@ -310,6 +310,8 @@ def claim_out_dir(cfg, master):
     if previous and not cfg.overwrite:
         raise ValueError(f"{cfg.out_dir} holds another run ({', '.join(previous)}); continue it with --resume=True, "
                          "delete it and start over with --overwrite=True, or use another --out_dir")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked before rank 0 writes there (else a late rank sees this run's log)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if not master:
         return nullcontext()
