@@ -2,7 +2,7 @@
 downloads: the tests build their data), that runs the CUDA tests and the GPU benchmarks and prints one markdown
 report, also written to $OUT/gpu_check.md, with each part's output in $OUT/gpu_check_<part>.log, when OUT is set.
 
-    python3 gpu_check.py                          # about 7 minutes on one H200, never more than --budget seconds
+    python3 gpu_check.py                          # at most --budget (440) seconds on one H100 or H200
     python3 gpu_check.py --parts model --sizes llama_60m --batch_size 512 --loss_chunks 1    # one variation
     python3 gpu_check.py --device cpu --tiny      # a dry run of every part on tiny shapes, on CPU (test_gpu_check.py)
 
@@ -202,7 +202,7 @@ def tests_command(tiny):
     return [sys.executable, "-m", "pytest", "-p", "gpu_check", "-p", "no:cacheprovider", "-q", *selection]
 
 
-def test_results(records):
+def outcomes_of_tests(records):
     """The plugin's records -> [(test, outcome, seconds, reason)] in collection order. A test's outcome is its first
     phase that did not pass ("error in setup" for a failed fixture); a test without records (the part ran out of
     time) is "not run"."""
@@ -268,7 +268,8 @@ def device_lines(cuda):
         hf = transformers.__version__
     except ImportError:
         hf = "not installed"
-    return [f"- device: {device}", f"- torch {torch.__version__}, transformers {hf}, python {platform.python_version()}",
+    return [f"- device: {device}",
+            f"- torch {torch.__version__}, transformers {hf}, python {platform.python_version()}",
             f"- SDPA backend for bf16 causal attention, head dim 64: {sdpa}"]
 
 
@@ -398,7 +399,7 @@ def run_parts(args, started, out, tmp, machine):
             code = wait_child(child, deadline)
             records = read_jsonl(rows)
             if part == "tests":  # pytest's exit code 1: some tests failed, as the table shows
-                records = test_results(records)
+                records = outcomes_of_tests(records)
                 problem = "" if code in (0, 1) else ("stopped: out of time" if code is None else
                                                      f"pytest exited with {code}: see its log")
             else:

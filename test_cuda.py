@@ -100,7 +100,7 @@ def fp32_matmuls():
 # -----------------------------------------------------------------------------
 # the fused output layer and loss
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_linear_cross_entropy_equals_linear_then_cross_entropy_in_fp64(device, dtype, tol, fp32_matmuls):
     """The value and both gradients against F.linear + F.cross_entropy in fp64 on the same (rounded) inputs, as
@@ -125,7 +125,7 @@ def test_linear_cross_entropy_equals_linear_then_cross_entropy_in_fp64(device, d
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
 def test_linear_cross_entropy_backward_never_holds_the_whole_fp32_gradient(dtype):
     """The backward's peak memory over what the forward left: under the (N, V) fp32 gradient of the logits, while
     F.linear + F.cross_entropy, measured the same way, holds at least that much."""
@@ -214,7 +214,8 @@ def test_a_cuda_checkpoint_resumes_on_cpu_and_a_cpu_checkpoint_on_cuda(fp32_run,
     assert losses_after(read_log(on_cpu), 20) == pytest.approx(expected, abs=CROSS_DEVICE_TOL)
     assert [r["device"] for r in read_log(on_cpu) if r["event"] == "start"][-1] == "cpu"
     back_on_cuda = without_last_checkpoint(on_cpu, tmp_path, "back_on_cuda")
-    assert load_ckpt(on_cpu)["step"] == 30 and torch.load(os.path.join(back_on_cuda, "ckpt_prev.pt"), weights_only=True)["step"] == 25
+    prev = torch.load(os.path.join(back_on_cuda, "ckpt_prev.pt"), weights_only=True)
+    assert load_ckpt(on_cpu)["step"] == 30 and prev["step"] == 25
     train.main(tiny_args(byte_data, back_on_cuda, max_steps=30, ckpt_every=5, resume=True))
     records = read_log(back_on_cuda)
     assert [r["device"] for r in records if r["event"] == "start"][-1] != "cpu"

@@ -52,7 +52,7 @@ def test_measurements_that_would_not_end_in_time_are_skipped_rows(tmp_path):
         assert 45 <= int(left) <= 50 and rest == f"about {needed} s needed" and "result" not in row
 
 
-def test_test_results_take_the_first_phase_that_did_not_pass_and_mark_tests_never_reached():
+def test_a_test_s_outcome_is_its_first_phase_that_did_not_pass_and_tests_never_reached_are_not_run():
     records = [dict(collected=["t::a", "t::b", "t::c", "t::d"]),
                dict(test="t::a", when="setup", outcome="passed", seconds=1.0, reason=""),
                dict(test="t::a", when="call", outcome="passed", seconds=2.0, reason=""),
@@ -61,7 +61,7 @@ def test_test_results_take_the_first_phase_that_did_not_pass_and_mark_tests_neve
                dict(test="t::b", when="teardown", outcome="passed", seconds=0.0, reason=""),
                dict(test="t::c", when="setup", outcome="passed", seconds=0.0, reason=""),
                dict(test="t::c", when="call", outcome="failed", seconds=1.5, reason="assert 1 == 2")]
-    assert gpu_check.test_results(records) == [
+    assert gpu_check.outcomes_of_tests(records) == [
         ("t::a", "passed", 3.5, ""), ("t::b", "error in setup", 3.0, "AssertionError: bad fixture"),
         ("t::c", "failed", 1.5, "assert 1 == 2"), ("t::d", "not run", 0.0, "the part's time ran out")]
 
