@@ -1,7 +1,8 @@
 """Benchmarks, each printing ratios against a peer measured in the same run.
 
 python bench.py optimizer [--dtype float32 bfloat16] [--device cpu|cuda]   SCALE step vs fused AdamW, state bytes
-python bench.py model [--cuda]       training tokens/s of model.py vs transformers.LlamaForCausalLM; MFU on CUDA
+python bench.py model [--cuda]       training tokens/s of model.py vs transformers.LlamaForCausalLM; on CUDA also
+                                     MFU, peak memory and compile time at 60M, 350M and 1B (as gpu_check.py)
 python bench.py data [--docs 40000]  prepare_c4.py tokens/s for 1 and 2 workers vs a plain loop; loader latency
 """
 import argparse
@@ -93,6 +94,10 @@ def bench_optimizer(args):
 # -----------------------------------------------------------------------------
 # model: forward + backward + optimizer step, ours against HF's LlamaForCausalLM
 
+# the GPU runs of bench.py model --cuda and gpu_check.py: (config, batch size per step, with the HF peer)
+GPU_RUNS = (("llama_60m", 256, True), ("llama_350m", 128, True), ("llama_1b", 64, False))
+
+
 def train_step(loss_fn, opt, x, y):
     def step(i):
         loss_fn(x, y).backward()
@@ -106,12 +111,18 @@ def loss_of(model):
 
 
 def build_hf(cfg):
+    """transformers.LlamaForCausalLM (sdpa attention, no KV cache) of the same shape as LLaMA(cfg); ImportError
+    without transformers."""
     import transformers
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=False, attn_implementation="sdpa"))
+        tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa"))
+
+
+def hf_loss_of(hf, vocab_size):
+    return lambda x, y: F.cross_entropy(hf(input_ids=x).logits.float().view(-1, vocab_size), y.view(-1))
 
 
 def bench_model_cpu(args):
@@ -123,9 +134,8 @@ def bench_model_cpu(args):
     runs = {}
     try:
         hf = build_hf(cfg)
-        hf_loss = lambda x, y: F.cross_entropy(hf(input_ids=x).logits.float().view(-1, cfg.vocab_size), y.view(-1))
-        runs["HF LlamaForCausalLM (sdpa) + fused AdamW"] = hf_loss, torch.optim.AdamW(hf.parameters(), lr=1e-3,
-                                                                                      fused=True)
+        runs["HF LlamaForCausalLM (sdpa) + fused AdamW"] = (hf_loss_of(hf, cfg.vocab_size),
+                                                            torch.optim.AdamW(hf.parameters(), lr=1e-3, fused=True))
     except ImportError:
         print("note: transformers is not installed (pip install transformers): no HF baseline")
     for compiled in (False, True):
@@ -139,27 +149,100 @@ def bench_model_cpu(args):
         print(f"{name:50s} {args.batch_size * args.seq_len / t:9.0f} tokens/s" + (f"  {base / t:.2f}x HF" if base else ""))
 
 
+OURS, HF = "ours + SCALE", "HF + fused AdamW"
+
+
+def measure_training(cfg, batch_size, device, peer=True, compile=True, warmup=2, steps=8):
+    """Training steps (forward, backward, optimizer step) on one random batch of (batch_size, cfg.max_seq_len)
+    token ids, in bf16: model.py with SCALE as train.py runs dtype=bfloat16 (model and update torch.compile'd when
+    compile), and with peer transformers.LlamaForCausalLM (sdpa) with fused AdamW (eager), on the same batch,
+    stepped in turn with ours (time_in_turn).
+    -> ({OURS: row, HF: row}, notes), row = dict(batch_size, tokens_per_s, mfu, peak_bytes, first_step_s):
+    tokens/s of the median step; MFU against model.peak_flops (None off a GPU it knows); peak memory (bytes, None
+    off CUDA) of one step after the first, less what was allocated before the model was built, so each model's own;
+    first_step_s, the first step's seconds, compilation included. notes: lines to print (no transformers)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch._dynamo.reset()  # compile as a fresh process would: static shapes, and clear of the recompile limit
+    torch.manual_seed(0)
+    x, y = (torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_seq_len), device=device) for _ in range(2))
+    steps_of, rows, notes = {}, {}, []
+
+    def start(name, build):  # build the model and optimizer, take 3 steps: the first timed, the third's peak memory
+        base = torch.cuda.memory_allocated(device) if cuda else 0
+        step = train_step(*build(), x, y)
+        sync()
+        t0 = time.perf_counter()
+        step(0)
+        sync()
+        first = time.perf_counter() - t0
+        step(1)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        step(2)
+        sync()
+        peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+        steps_of[name], rows[name] = step, dict(batch_size=batch_size, peak_bytes=peak, first_step_s=first)
+
+    def ours():
+        with device:
+            model = LLaMA(cfg)
+        model.to(torch.bfloat16)
+        fwd = torch.compile(model, fullgraph=True) if compile else model
+        return loss_of(fwd), SCALE(scale_param_groups(model), lr=1e-3, compile=compile)
+
+    def hf():
+        with device:
+            model = build_hf(cfg)
+        model.to(torch.bfloat16)
+        return hf_loss_of(model, cfg.vocab_size), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+
+    start(OURS, ours)
+    if peer:
+        try:
+            start(HF, hf)
+        except ImportError:
+            notes.append("transformers is not installed (pip install transformers): no HF peer")
+    times = time_in_turn(steps_of, warmup, steps, sync)
+    peak_flops_s = peak_flops(torch.cuda.get_device_name(device)) if cuda else None
+    with torch.device("meta"):
+        flops_per_token = LLaMA(cfg).flops_per_token(cfg.max_seq_len)
+    for name, t in times.items():
+        tokens_per_s = batch_size * cfg.max_seq_len / t
+        rows[name].update(tokens_per_s=tokens_per_s,
+                          mfu=flops_per_token * tokens_per_s / peak_flops_s if peak_flops_s else None)
+    return rows, notes
+
+
+MODEL_TABLE_HEAD = ["| model | run | batch x seq_len | tokens/s | MFU | peak memory | first step (compile) | vs HF |",
+                    "|---|---|---|---|---|---|---|---|"]
+
+
+def model_table_rows(name, rows, seq_len):
+    """measure_training's rows of one model -> markdown lines under MODEL_TABLE_HEAD."""
+    hf = rows.get(HF)
+    lines = []
+    for run, r in rows.items():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        peak = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] is not None else "n/a"
+        vs = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "n/a"
+        lines.append(f"| {name} | {run} | {r['batch_size']} x {seq_len} | {r['tokens_per_s']:,.0f} | {mfu} | {peak} | "
+                     f"{r['first_step_s']:.1f} s | {vs} |")
+    return lines
+
+
 def bench_model_cuda(args):
     name = torch.cuda.get_device_name()
-    peak = peak_flops(name)
-    print(f"{name}, bf16 params, torch.compile model and SCALE step, peak {peak or 'unknown'} FLOP/s for MFU")
-    for label, batch in (("llama_60m", 256), ("llama_350m", 128)):
-        torch.manual_seed(0)
-        model = LLaMA(paper_model(label)).cuda().to(torch.bfloat16)
-        for opt_name, opt in (("SCALE", SCALE(scale_param_groups(model), lr=1e-3, compile=True)),
-                              ("AdamW", torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True))):
-            fwd = torch.compile(model, fullgraph=True)
-            x, y = (torch.randint(0, 32000, (batch, 256), device="cuda") for _ in range(2))
-            torch.cuda.reset_peak_memory_stats()
-            t = time_in_turn({opt_name: train_step(loss_of(fwd), opt, x, y)}, 5, args.steps,
-                             torch.cuda.synchronize)[opt_name]
-            tps = batch * 256 / t
-            mfu = f"MFU {tps * model.flops_per_token(256) / peak:6.1%}" if peak else "MFU n/a"
-            print(f"{label:11s} {opt_name:6s} batch {batch}x256: {tps:10.0f} tokens/s  {mfu}  "
-                  f"peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-            del opt, fwd
-            model.zero_grad(set_to_none=True)
-        del model
+    print(f"{name}, bf16 params, torch.compile'd model and SCALE step, median of {args.steps} steps in turn after "
+          f"{args.warmup} (and 3 of each alone); peak {peak_flops(name) or 'unknown'} FLOP/s for MFU")
+    print("\n".join(MODEL_TABLE_HEAD), flush=True)
+    for label, batch, peer in GPU_RUNS:
+        cfg = paper_model(label)
+        rows, notes = measure_training(cfg, batch, "cuda", peer, warmup=args.warmup, steps=args.steps)
+        print("\n".join(model_table_rows(label, rows, cfg.max_seq_len) + notes), flush=True)
+        del rows
+        torch.cuda.empty_cache()
 
 
 # -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from data import Windows, load_meta
 from sample import ArgumentParser, load_model, pick_device
-from train import autocast_for, evaluate, init_distributed
+from train import autocast_for, evaluate, init_distributed, process_device
 
 
 def eval_tokens_of(text, data_dir, split, seq_len):
@@ -63,10 +63,8 @@ def main(argv=None):
             raise ValueError("under torchrun each process takes cuda:LOCAL_RANK (or the CPU without GPUs): "
                              "drop --device")
         rank, local_rank, world_size = init_distributed()
-        device = pick_device(args.device) if world_size == 1 else \
-            torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.fp32_precision = "tf32"  # as train.py, for the same numbers
+        device = process_device(local_rank)  # as train.py: the same device and TF32 setting, the same numbers
+        device = pick_device(args.device) if args.device else device
         model, info = load_model(args.ckpt, device)
         run = info["config"]
         data_dir = args.data_dir or run["data_dir"]

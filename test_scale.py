@@ -385,10 +385,16 @@ def test_bad_roles_and_gradients():
 # -----------------------------------------------------------------------------
 # compiled against eager, and on a GPU (skipped without CUDA)
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]  # gpu_check.py runs these
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=cuda)])
+def cuda(test):
+    for mark in CUDA:
+        test = mark(test)
+    return test
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_equals_eager_at_each_step(device, dtype, monkeypatch):
     monkeypatch.setattr(scale, "BLOCK_BYTES", 384)  # on CPU, lm_head and its momentum in blocks of rows

@@ -270,6 +270,16 @@ def evaluate(model, cfg, rank, world_size, device, autocast, log, split="val"):
     return loss.item(), loss.exp().item(), time.time() - t0
 
 
+def process_device(local_rank):
+    """This process's device: cuda:local_rank with GPUs, else the CPU. On CUDA, fp32 matmuls run in TF32; set by
+    this API, which keeps torch's legacy and new TF32 flags consistent (with only the new one set, reading the
+    legacy one raises, as the profiler and max-autotune do)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.set_float32_matmul_precision("high")
+    return torch.device(f"cuda:{local_rank}")
+
+
 def autocast_for(dtype, device):
     """The forward's autocast context for a run's dtype: bf16 autocast for "mixed", none otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "mixed" else nullcontext()
@@ -320,6 +330,8 @@ def claim_out_dir(cfg, master):
     if previous and not cfg.overwrite:
         raise ValueError(f"{cfg.out_dir} holds another run ({', '.join(previous)}); continue it with --resume=True, "
                          "delete it and start over with --overwrite=True, or use another --out_dir")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked before rank 0 writes there (else a late rank sees this run's log)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if not master:
         return nullcontext()
@@ -357,9 +369,7 @@ def train(cfg):
     master = rank == 0
     if master:
         print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in vars(cfg).items()), flush=True)
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    device = process_device(local_rank)
     autocast = autocast_for(cfg.dtype, device)
     batches, model_cfg = check_inputs(cfg, rank, world_size)
     torch.manual_seed(cfg.seed)

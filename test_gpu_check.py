@@ -1,0 +1,89 @@
+"""gpu_check.py, the GPU check command: its dry run on CPU runs every part end to end (so the command cannot rot
+between GPU sessions), and its report shows failures, skipped rows and parts out of time as such."""
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import compare
+import gpu_check
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
+    p = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--tiny"], cwd=HERE, capture_output=True,
+                       text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert p.stdout.endswith(report)  # printed last, as written
+    assert sorted(os.listdir(tmp_path)) == ["gpu_check.md"] + [f"gpu_check_{part}.log" for part in sorted(
+        gpu_check.PARTS)]
+    for heading in ("## CUDA tests", "## Memory", "## Training", "## Optimizer step"):
+        assert report.count(heading) == 1, heading
+    assert "\n2 passed\n" in report and "FAIL" not in report and "skipped" not in report and "not run" not in report
+    lines = report.splitlines()
+    assert sum(line.startswith("| tiny | ") for line in lines) == 2 + 2 + 2  # memory, training, optimizer rows
+    for line in (line for line in lines if line.startswith("| tiny | scale |") or line.startswith("| tiny | adamw |")):
+        cells = line.split(" | ")
+        assert cells[5] == cells[6]  # measured params + state = compare.memory_gb's estimate (tensor sizes on CPU)
+
+
+def test_memory_measurement_is_what_compare_estimates():
+    row = gpu_check.measure_memory("tiny", "scale", "cpu")
+    assert row["params"] + row["state"] == pytest.approx(row["estimate_gb"] * 1e9, rel=1e-12)
+    assert row["estimate_gb"] == compare.memory_gb(gpu_check.TINY, "scale", gpu_check.TINY_VOCAB)
+    assert row["grads"] == row["params"] and row["peak"] is None
+
+
+def test_measurements_that_would_not_end_in_time_are_skipped_rows(tmp_path):
+    args = SimpleNamespace(part="model", tiny=False, sizes=None, batch_size=None, loss_chunks=None, device="cuda",
+                           deadline=time.time() + 50, rows=str(tmp_path / "rows.jsonl"))
+    gpu_check.run_part(args)  # none fits in 50 s, so none runs (nor needs the GPU)
+    rows = gpu_check.read_jsonl(args.rows)
+    assert [(r["size"], r["batch"]) for r in rows] == [("llama_60m", 256), ("llama_350m", 128), ("llama_1b", 64)]
+    for row, needed in zip(rows, (60, 80, 100)):
+        left, rest = row["skipped"].split(" s of the part's time left, ")
+        assert 45 <= int(left) <= 50 and rest == f"about {needed} s needed" and "result" not in row
+
+
+def test_a_test_s_outcome_is_its_first_phase_that_did_not_pass_and_tests_never_reached_are_not_run():
+    records = [dict(collected=["t::a", "t::b", "t::c", "t::d"]),
+               dict(test="t::a", when="setup", outcome="passed", seconds=1.0, reason=""),
+               dict(test="t::a", when="call", outcome="passed", seconds=2.0, reason=""),
+               dict(test="t::a", when="teardown", outcome="passed", seconds=0.5, reason=""),
+               dict(test="t::b", when="setup", outcome="failed", seconds=3.0, reason="AssertionError: bad fixture"),
+               dict(test="t::b", when="teardown", outcome="passed", seconds=0.0, reason=""),
+               dict(test="t::c", when="setup", outcome="passed", seconds=0.0, reason=""),
+               dict(test="t::c", when="call", outcome="failed", seconds=1.5, reason="assert 1 == 2")]
+    assert gpu_check.outcomes_of_tests(records) == [
+        ("t::a", "passed", 3.5, ""), ("t::b", "error in setup", 3.0, "AssertionError: bad fixture"),
+        ("t::c", "failed", 1.5, "assert 1 == 2"), ("t::d", "not run", 0.0, "the part's time ran out")]
+
+
+def test_report_shows_failures_skips_and_parts_out_of_time():
+    args = SimpleNamespace(tiny=False, argv=[], parts=list(gpu_check.PARTS), device="cuda")
+    done = {"tests": ([("t::a", "failed", 2.0, "assert x | y")], ""),
+            "memory": ([dict(size="llama_60m", optimizer="scale", error="OutOfMemoryError: CUDA out of memory")], ""),
+            "model": ([dict(size="llama_1b", batch=64, loss_chunks=4, skipped="30 s of the part's time left, about "
+                            "100 s needed")], "stopped: out of time; the rows it had not reached are missing")}
+    text = gpu_check.report(args, ["- device: test"], done, time.time())
+    assert "| t::a | FAIL | 2.0 | assert x / y |" in text
+    assert "| llama_60m | scale | FAIL: OutOfMemoryError: CUDA out of memory |" in text
+    assert "| llama_1b | skipped: 30 s of the part's time left, about 100 s needed | 64 |" in text
+    assert "model: stopped: out of time" in text and "## optimizer: not run, out of time" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_without_a_gpu_the_check_is_a_one_line_error():
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main([])
+    assert e.value.code == "error: no CUDA GPU here; for a dry run on CPU: python3 gpu_check.py --device cpu --tiny"
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--device", "cpu"])
+    assert e.value.code == "error: --device cpu is the dry run: add --tiny"
