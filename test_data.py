@@ -285,12 +285,10 @@ def test_vocab_mismatch_between_meta_and_shards(byte_data, tmp_path):
 
 
 def reference_windows(data_dir, split, T):
-    """All (T+1)-token windows of a split, shard by shard, stride T (independent of data.py's index math)."""
-    out = []
-    for name in data.load_meta(data_dir)["splits"][split]["shards"]:
-        toks = open_shard(os.path.join(data_dir, name)).astype(np.int64)
-        out += [toks[i:i + T + 1] for i in range(0, len(toks) - T, T)]
-    return np.stack(out)
+    """All (T+1)-token windows at stride T of a split's shards read as one stream (independent of data.py's
+    index math): windows cross shard boundaries."""
+    toks = split_tokens(data_dir, split).astype(np.int64)
+    return np.stack([toks[i:i + T + 1] for i in range(0, len(toks) - T, T)])
 
 
 def test_train_batches_match_reference(byte_data):
@@ -340,6 +338,70 @@ def test_val_windows_same_for_any_world_size(byte_data):
                     for row in torch.cat([x, y[:, -1:]], 1).numpy()]
             got.update({r + W * i: row for i, row in enumerate(rows)})
         assert sorted(got) == list(range(len(ref))) and all(np.array_equal(got[i], ref[i]) for i in got)
+
+
+def test_windows_cross_shard_boundaries(c4_source, byte_data, tmp_path):
+    """Shards shorter than a window: the split is still one token stream, and every window of it is reachable."""
+    prepare(tmp_path, c4_source, "--train_shards", "2", "--workers", "1", "--shard_tokens", "100")
+    assert len(data.load_meta(tmp_path)["splits"]["train"]["shards"]) == 629
+    for T in (128, 64):
+        ref = reference_windows(byte_data, "train", T)
+        short, long = TrainBatches(str(tmp_path), T, 4, 16, seed=5), TrainBatches(str(byte_data), T, 4, 16, seed=5)
+        assert short.windows.count == long.windows.count == len(ref) == (62885 - 1) // T  # only a partial window lost
+        order = np.random.default_rng([5, 0]).permutation(len(ref))
+        for step, k in [(0, 0), (3, 2), (len(ref) // 16 - 1, 3)]:
+            x, y = short.get(step, k)
+            want = ref[order[step * 16 + k * 4: step * 16 + (k + 1) * 4]]
+            assert np.array_equal(x.numpy(), want[:, :-1]) and np.array_equal(y.numpy(), want[:, 1:])
+            assert all(torch.equal(a, b) for a, b in zip((x, y), long.get(step, k)))
+        val = [torch.cat(b) for b in val_batches(str(tmp_path), T, 4, 3000)]
+        assert all(torch.equal(a, torch.cat(b)) for a, b in zip(val, val_batches(str(byte_data), T, 4, 3000)))
+
+
+LOW_LIMIT_CHILD = """
+import resource, sys
+import numpy as np
+from data import TrainBatches, open_shard, val_batches
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+tb = TrainBatches(sys.argv[1], 32, 8, 16, seed=2)
+x = np.stack([tb.get(step, k)[0].numpy() for step in range(20) for k in range(2)])
+v = np.concatenate([x.numpy() for x, y in val_batches(sys.argv[1], 32, 8, 3000)])
+np.save(sys.argv[2], x)
+np.save(sys.argv[3], v)
+try:
+    [open_shard(p) for p in tb.windows.paths]
+except OSError as e:
+    print("memmaps:", e.strerror)
+"""
+
+
+def test_more_shards_than_the_open_file_limit(c4_source, byte_data, tmp_path):
+    out = tmp_path / "many"
+    prepare(out, c4_source, "--train_shards", "2", "--workers", "1", "--shard_tokens", "300")
+    assert len(data.load_meta(out)["splits"]["train"]["shards"]) == 210
+    x_path, v_path = tmp_path / "x.npy", tmp_path / "v.npy"
+    p = subprocess.run([sys.executable, "-c", LOW_LIMIT_CHILD, str(out), str(x_path), str(v_path)],
+                       capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert p.returncode == 0 and p.stdout == "memmaps: Too many open files\n", p.stderr  # one memmap per shard fails
+    tb = TrainBatches(str(byte_data), 32, 8, 16, seed=2)  # the same token stream in 2 shards
+    assert np.array_equal(np.load(x_path), np.stack([tb.get(s, k)[0].numpy() for s in range(20) for k in range(2)]))
+    val = val_batches(str(byte_data), 32, 8, 3000)
+    assert np.array_equal(np.load(v_path), np.concatenate([x.numpy() for x, y in val]))
+
+
+def test_shard_removed_or_cut_short_while_training(byte_data, tmp_path):
+    for d, damage, message in [
+        (tmp_path / "a", lambda d: os.remove(d / "train_000000.bin"),
+         "cannot read shard {d}/train_000000.bin: No such file or directory; re-run prepare_c4.py"),
+        (tmp_path / "b", lambda d: open(d / "train_000001.bin", "r+b").truncate(1000),
+         "shard {d}/train_000001.bin is shorter than its header says; re-run prepare_c4.py"),
+    ]:
+        shutil.copytree(byte_data, d)
+        tb = TrainBatches(str(d), 64, 256, 256)  # headers checked; 256 of the 982 windows reach both shards
+        damage(d)
+        with pytest.raises(DataError) as e:
+            tb.get(0, 0)
+        assert str(e.value) == message.format(d=d)
 
 
 @pytest.mark.parametrize("kwargs, message", [
