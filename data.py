@@ -90,6 +90,10 @@ def write_meta(data_dir, meta):
 
 
 def load_meta(data_dir):
+    """-> data_dir/meta.json as a dict, checked against itself: its vocab_size must be the tokenizer's (as
+    prepare_c4.py recorded it) and above every token id the shards hold, so a hand-edited or mismatched
+    vocabulary is refused before any model is built. A meta.json from before those fields were recorded is
+    checked without them. Raises DataError."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isdir(data_dir):
         raise DataError(f"data dir {data_dir} does not exist; run prepare_c4.py --out_dir {data_dir} first")
@@ -100,12 +104,23 @@ def load_meta(data_dir):
         for split in SPLITS:
             s = meta["splits"][split]
             s["tokens"], s["documents"], list(s["shards"])  # KeyError/TypeError if malformed
+        n_vocab = meta.get("tokenizer_vocab_size", vocab)
+        split = max(SPLITS, key=lambda s: meta["splits"][s].get("max_token_id", -1))  # absent in older meta.json
+        max_id = meta["splits"][split].get("max_token_id", -1)
+        if not all(type(v) is int for v in (vocab, n_vocab, max_id)):
+            raise TypeError("vocab_size, tokenizer_vocab_size and max_token_id must be integers")
     except FileNotFoundError:
         raise DataError(f"{path} is missing (preparation never finished?); "
                         f"run prepare_c4.py --out_dir {data_dir}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path} is corrupt ({type(e).__name__}: {e}); "
                         f"re-run prepare_c4.py --out_dir {data_dir}") from None
+    if vocab <= max_id:
+        raise DataError(f"{path}: vocab_size {vocab} is too small for the {split} shards' token id {max_id}; "
+                        f"set vocab_size back to {n_vocab} or re-run prepare_c4.py")
+    if vocab != n_vocab:
+        raise DataError(f"{path}: vocab_size {vocab} is not the {meta.get('tokenizer')} tokenizer's {n_vocab}, so the "
+                        f"model would be a different size; set vocab_size back to {n_vocab} or re-run prepare_c4.py")
     if dtype != token_dtype(vocab):
         raise DataError(f"{path}: vocab_size {vocab} needs {token_dtype(vocab)} tokens, not {dtype}; "
                         "re-run prepare_c4.py")

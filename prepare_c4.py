@@ -4,9 +4,11 @@ python prepare_c4.py --out_dir data/c4_gpt2          # 1 train + 1 val file of a
 python prepare_c4.py --out_dir data/c4_byte --data_dir /path/to/c4 --tokenizer byte --train_shards 8
 
 Each document becomes <|endoftext|> + its tokens, concatenated without padding or truncation, cut into
-shards of --shard_tokens tokens; the output is the same for any --workers. Shards are staged as *.new and
-moved into place once all input is tokenized, meta.json last: an interrupted or failed run never leaves
-a dataset that looks complete, and rerunning gives byte-identical output."""
+shards of --shard_tokens tokens; the output is the same for any --workers. Text that is not valid Unicode
+(invalid UTF-8 in a file, a lone surrogate escape in its JSON) is repaired to U+FFFD as tiktoken's
+encode_ordinary does, and counted in meta.json. Shards are staged as *.new and moved into place once all input
+is tokenized, meta.json last: an interrupted or failed run never leaves a dataset that looks complete, and
+rerunning gives byte-identical output."""
 import argparse
 import functools
 import glob
@@ -24,6 +26,7 @@ from data import DataError, token_dtype, write_meta, write_shard
 
 C4_FILES = {"train": "en/c4-train.{:05d}-of-01024.json.gz", "val": "en/c4-validation.{:05d}-of-00008.json.gz"}
 CHUNK_DOCS = 512  # documents per work item; fixed, so the output does not depend on --workers
+JSON = json.JSONDecoder(strict=False)  # allows raw control characters (a tab, a NUL) in strings, as scraped text has
 
 
 @functools.lru_cache
@@ -91,27 +94,48 @@ def hub_chunks(split, files):
         raise DataError(f"could not load {files} of allenai/c4 from the hub ({type(e).__name__}); "
                         "check the network or pass --data_dir with a local copy") from None
     for i in range(0, len(ds), CHUNK_DOCS):
-        yield f"allenai/c4 {split}", None, ds[i:i + CHUNK_DOCS]["text"]
+        yield f"allenai/c4 {split}", i + 1, ds[i:i + CHUNK_DOCS]["text"]
+
+
+def parse_line(line):
+    """A raw json line (bytes) -> (its "text", whether invalid UTF-8 in it was replaced by U+FFFD)."""
+    try:
+        s, repaired = line.decode("utf-8"), False
+    except UnicodeDecodeError:
+        s, repaired = line.decode("utf-8", "replace"), True
+    return JSON.decode(s.removeprefix("\ufeff"))["text"], repaired  # a BOM opening the file is fine
+
+
+def encode(enc, text):
+    """-> (encode_ordinary(text) as a uint32 array, whether text held lone surrogates, e.g. from a JSON escape
+    of half an emoji). Those become U+FFFD exactly as in encode_ordinary, which encode_to_numpy does not do."""
+    try:
+        return enc.encode_to_numpy(text, disallowed_special=()), False
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # encode_ordinary's repair
+        return enc.encode_to_numpy(text, disallowed_special=()), True
 
 
 def tokenize(tokenizer, chunk):
-    """One work item -> (number of docs, tokens as np array). Raw json lines are parsed here."""
+    """One work item -> (number of docs, number of them repaired, tokens as np array). Raw json lines are parsed
+    here; a document is repaired if its line had invalid UTF-8 or its text lone surrogates (see encode)."""
     enc, (where, first, items) = get_encoding(tokenizer), chunk
-    eot, parts = np.array([enc.eot_token], dtype=np.uint32), [np.empty(0, dtype=np.uint32)]
+    eot, parts, repaired = np.array([enc.eot_token], dtype=np.uint32), [np.empty(0, dtype=np.uint32)], 0
     for k, item in enumerate(items):
         try:
-            text = item if first is None else json.loads(item)["text"]
-            # encode_ordinary's tokens, as an array straight from tiktoken (no list of Python ints)
-            parts += [eot, enc.encode_to_numpy(text, disallowed_special=())]
-        except (ValueError, KeyError, TypeError):
+            text, bad_bytes = (item, False) if isinstance(item, str) else parse_line(item)
+            tokens, bad_text = encode(enc, text)
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise DataError(f"{where} line {first + k}: not a JSON object with a 'text' string; "
                             "fix or remove that file") from None
-    return len(items), np.concatenate(parts).astype(token_dtype(enc.n_vocab))
+        parts += [eot, tokens]
+        repaired += bad_bytes or bad_text
+    return len(items), repaired, np.concatenate(parts).astype(token_dtype(enc.n_vocab))
 
 
 def tokenize_split(split, chunks, pool, args):
     """Tokenize one split into staged shards <split>_NNNNNN.bin.new; -> its meta.json entry."""
-    names, buf, n_tokens, n_docs, t0 = [], [], 0, 0, time.time()
+    names, buf, n_tokens, n_docs, n_repaired, max_id, t0 = [], [], 0, 0, 0, 0, time.time()
 
     def flush(tokens):
         names.append(f"{split}_{len(names):06d}.bin")
@@ -119,20 +143,23 @@ def tokenize_split(split, chunks, pool, args):
 
     try:
         work = functools.partial(tokenize, args.tokenizer)
-        for docs, tokens in pool.imap(work, chunks) if pool else map(work, chunks):
-            n_docs, n_tokens = n_docs + docs, n_tokens + len(tokens)
+        for docs, repaired, tokens in pool.imap(work, chunks) if pool else map(work, chunks):
+            n_docs, n_repaired, n_tokens = n_docs + docs, n_repaired + repaired, n_tokens + len(tokens)
+            max_id = max(max_id, int(tokens.max(initial=0)))
             buf.append(tokens)
             while sum(map(len, buf)) >= args.shard_tokens:
                 joined = np.concatenate(buf)
                 flush(joined[:args.shard_tokens])
                 buf = [joined[args.shard_tokens:]]
-            print(f"\r{split}: {n_docs:,} docs, {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} tokens/s",
-                  end="", file=sys.stderr, flush=True)
+            note = f" ({n_repaired:,} repaired: invalid UTF-8 or lone surrogates became U+FFFD)" if n_repaired else ""
+            print(f"\r{split}: {n_docs:,} docs{note}, {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} "
+                  "tokens/s", end="", file=sys.stderr, flush=True)
     finally:
         print(file=sys.stderr)
     if sum(map(len, buf)):
         flush(np.concatenate(buf))
-    return {"shards": names, "tokens": n_tokens, "documents": n_docs}
+    return {"shards": names, "tokens": n_tokens, "documents": n_docs, "repaired_documents": n_repaired,
+            "max_token_id": max_id}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -161,8 +188,9 @@ def main(argv=None):
         source = {"hub": "allenai/c4", "files": c4_files(args.train_shards, args.val_shards)}
         chunks = {s: hub_chunks(s, fs) for s, fs in source["files"].items()}
     os.makedirs(args.out_dir, exist_ok=True)
-    meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "source": source,
-            "dtype": token_dtype(enc.n_vocab).name, "shard_tokens": args.shard_tokens, "splits": {}}
+    meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "tokenizer_vocab_size": enc.n_vocab,
+            "eot_id": enc.eot_token, "source": source, "dtype": token_dtype(enc.n_vocab).name,
+            "shard_tokens": args.shard_tokens, "splits": {}}
     pool = mp.Pool(args.workers) if args.workers > 1 else None
     try:
         for split in ("train", "val"):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
+from tiktoken_ext.openai_public import r50k_pat_str
 
 import data
 import prepare_c4
@@ -38,6 +39,24 @@ def prepare(out, src, *extra):
     return prepare_c4.main(["--out_dir", str(out), "--data_dir", str(src), "--tokenizer", "byte", *extra])
 
 
+def old_style_meta(data_dir):
+    """data_dir's meta.json as prepare_c4.py wrote it before it recorded the tokenizer's size and the largest id."""
+    meta = data.load_meta(data_dir)
+    del meta["tokenizer_vocab_size"]
+    for info in meta["splits"].values():
+        del info["max_token_id"], info["repaired_documents"]
+    return meta
+
+
+def small_bpe():
+    """A small BPE tiktoken.Encoding with GPT-2's split regex and merges, U+FFFD's bytes among them."""
+    ranks = {bytes([i]): i for i in range(256)}
+    for piece in [b"th", b"the", b" t", b" th", b" the", b"in", b"ing", b"\xef\xbf", b"\xef\xbf\xbd", b"\xf0\x9f"]:
+        ranks[piece] = len(ranks)
+    return tiktoken.Encoding("small_bpe", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
 # ---------------------------------------------------------------- prepare_c4.py
 
 
@@ -54,6 +73,7 @@ def test_tokens_equal_direct_encoding(c4_source, byte_data):
     enc = prepare_c4.get_encoding("byte")
     meta = data.load_meta(byte_data)
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["dtype"]) == ("byte", 257, 256, "uint16")
+    assert meta["tokenizer_vocab_size"] == 257
     for split, files in SPLIT_FILES.items():
         docs = [d for f in files for d in read_docs(c4_source / f)]
         expected = [t for d in docs for t in [256] + list(d.encode("utf-8"))]
@@ -62,6 +82,7 @@ def test_tokens_equal_direct_encoding(c4_source, byte_data):
         assert got.dtype == np.uint16 and got.tolist() == expected
         info = meta["splits"][split]
         assert (info["tokens"], info["documents"]) == (len(expected), len(docs))
+        assert (info["repaired_documents"], info["max_token_id"]) == (0, max(expected))
         # eot exactly at each document start
         starts = np.cumsum([0] + [1 + len(d.encode()) for d in docs[:-1]])
         assert np.flatnonzero(got == 256).tolist() == starts.tolist()
@@ -142,6 +163,45 @@ def test_plain_directory_and_glob(tmp_path):
     assert split_tokens(tmp_path / "o2", "train").tolist()[-9:] == [256, *b"held out"]
 
 
+@pytest.mark.parametrize("enc", [prepare_c4.get_encoding("byte"), small_bpe()], ids=["byte", "small_bpe"])
+def test_encode_is_encode_ordinary_for_any_text(enc):
+    texts = ["half an emoji: \ud83d, then more", "\ude00 a low one first", "reversed \ude00\ud83d", "the thing",
+             "a pair as two code points \ud83d" + "\ude00", "NUL \x00, bell \x07, \x1b[0m, \x7f",
+             "\ufeffBOM and \ufffd",
+             "CRLF\r\nthe end\u2028", "<|endoftext|> is ordinary text here", ""]
+    for text in texts:
+        tokens, repaired = prepare_c4.encode(enc, text)
+        assert tokens.dtype == np.uint32 and tokens.tolist() == enc.encode_ordinary(text)
+        assert repaired == any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+    assert enc.decode(prepare_c4.encode(enc, "x\ud83dy")[0].tolist()) == "x\ufffdy"
+
+
+UNCLEAN = [  # a json line as a file may hold it -> its text as prepared
+    (b'\xef\xbb\xbf{"text": "a BOM opens the file"}\r\n', "a BOM opens the file"),
+    (b'{"text": "half an emoji: \\ud83d, then more"}\r\n', "half an emoji: \ufffd, then more"),  # repaired
+    (b'{"text": "raw tab\tNUL\x00 bell\x07"}\n', "raw tab\tNUL\x00 bell\x07"),  # raw control chars: not strict JSON
+    (b'{"text": "escaped \\u0000 NUL, \\r\\n CRLF, \\ufeff BOM"}\n', "escaped \x00 NUL, \r\n CRLF, \ufeff BOM"),
+    (b'{"text": "bad bytes \xff\xfe, cut short \xe2\x82"}\n', "bad bytes \ufffd\ufffd, cut short \ufffd"),  # repaired
+    (b'{"text": "caf\xe9 in Latin-1"}\n', "caf\ufffd in Latin-1"),  # repaired
+    (b'{"text": "a pair: \\ud83d\\ude00"}\n', "a pair: \U0001f600"),
+]
+
+
+def test_unclean_text_is_repaired_and_counted_the_same_for_any_workers(tmp_path, capsys):
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "train.jsonl").write_bytes(b"".join(line for line, _ in UNCLEAN))
+    (d / "val.jsonl").write_bytes(UNCLEAN[1][0] + UNCLEAN[0][0])  # a BOM on a later line (files joined with cat)
+    meta = prepare(tmp_path / "w1", d, "--workers", "1")
+    assert "train: 7 docs (3 repaired: invalid UTF-8 or lone surrogates became U+FFFD)," in capsys.readouterr().err
+    expected = [t for _, text in UNCLEAN for t in [256, *text.encode("utf-8")]]
+    assert split_tokens(tmp_path / "w1", "train").tolist() == expected
+    assert split_tokens(tmp_path / "w1", "val").tolist() == [256, *UNCLEAN[1][1].encode(), 256, *UNCLEAN[0][1].encode()]
+    assert [meta["splits"][s]["repaired_documents"] for s in ("train", "val")] == [3, 1]
+    prepare(tmp_path / "w2", d, "--workers", "2")
+    assert dir_bytes(tmp_path / "w1") == dir_bytes(tmp_path / "w2")
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "--data_dir {d}/missing does not exist; give a local C4 clone or a dir/glob of json files"),
     (lambda d: (d / "missing").mkdir() or (d / "missing" / "x.txt").write_text("hi"),
@@ -159,6 +219,11 @@ def test_bad_source_dir(tmp_path, setup, message):
     (b'{"text": "ok"}\nnot json\n', "{f} line 2: not a JSON object with a 'text' string; fix or remove that file"),
     (b'{"text": "ok"}\n{"url": "x"}\n', "{f} line 2: not a JSON object with a 'text' string; fix or remove that file"),
     (b'{"text": 3}\n', "{f} line 1: not a JSON object with a 'text' string; fix or remove that file"),
+    (b'{"text": null}\n', "{f} line 1: not a JSON object with a 'text' string; fix or remove that file"),
+    (b'{"text": "ok"}\n{"text": ' + b"[" * 100_000 + b"\n",
+     "{f} line 2: not a JSON object with a 'text' string; fix or remove that file"),  # deeper than Python recurses
+    ('{"text": "UTF-16"}\n'.encode("utf-16"),
+     "{f} line 1: not a JSON object with a 'text' string; fix or remove that file"),
     (b"garbage", "cannot read {f} (Not a gzipped file (b'ga')); re-download it"),
 ])
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -265,7 +330,7 @@ def test_meta_errors(byte_data, tmp_path):
 
 def test_vocab_mismatch_between_meta_and_shards(byte_data, tmp_path):
     shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
-    meta = data.load_meta(tmp_path)
+    meta = old_style_meta(byte_data)
     meta["vocab_size"] = 100277
     data.write_meta(str(tmp_path), meta)
     with pytest.raises(DataError, match=r"meta.json: vocab_size 100277 needs uint32 tokens, not uint16"):
@@ -402,6 +467,33 @@ def test_shard_removed_or_cut_short_while_training(byte_data, tmp_path):
         with pytest.raises(DataError) as e:
             tb.get(0, 0)
         assert str(e.value) == message.format(d=d)
+
+
+def test_vocab_size_must_be_the_tokenizers(byte_data, tmp_path):
+    """A meta.json vocab_size below the largest token id (an IndexError in the embedding) or unlike the tokenizer's
+    (a silently larger model) is refused in one line by the loader, before any model is built."""
+    shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
+    meta, path = data.load_meta(byte_data), tmp_path / "meta.json"
+    assert meta["tokenizer_vocab_size"] == 257 and meta["splits"]["train"]["max_token_id"] == 256
+    for vocab, message in [
+        (200, f"{path}: vocab_size 200 is too small for the train shards' token id 256; set vocab_size back to 257 or "
+              "re-run prepare_c4.py"),
+        (256, f"{path}: vocab_size 256 is too small for the train shards' token id 256; set vocab_size back to 257 or "
+              "re-run prepare_c4.py"),
+        (300, f"{path}: vocab_size 300 is not the byte tokenizer's 257, so the model would be a different size; set "
+              "vocab_size back to 257 or re-run prepare_c4.py"),
+    ]:
+        data.write_meta(str(tmp_path), dict(meta, vocab_size=vocab))
+        for load in (lambda: TrainBatches(str(tmp_path), 16, 2, 2), lambda: val_batches(str(tmp_path), 16, 2, 32)):
+            with pytest.raises(DataError) as e:
+                load()
+            assert str(e.value) == message
+    data.write_meta(str(tmp_path), dict(meta, vocab_size="257"))
+    with pytest.raises(DataError, match=r"meta.json is corrupt \(TypeError: vocab_size, tokenizer_vocab_size and "
+                                        r"max_token_id must be integers\); re-run prepare_c4.py"):
+        data.load_meta(tmp_path)
+    data.write_meta(str(tmp_path), old_style_meta(byte_data))  # before these were recorded: the old checks only
+    assert TrainBatches(str(tmp_path), 16, 2, 2).vocab_size == 257
 
 
 @pytest.mark.parametrize("kwargs, message", [
