@@ -7,16 +7,22 @@ Each document becomes <|endoftext|> + its tokens, concatenated without padding o
 shards of --shard_tokens tokens; the output is the same for any --workers. Text that is not valid Unicode
 (invalid UTF-8 in a file, a lone surrogate escape in its JSON) is repaired to U+FFFD as tiktoken's
 encode_ordinary does, and counted in meta.json. Shards are staged as *.new and moved into place once all input
-is tokenized, meta.json last: an interrupted or failed run never leaves a dataset that looks complete, and
-rerunning gives byte-identical output."""
+is tokenized, meta.json last: a failed or killed run never leaves a dataset that looks complete, Ctrl-C or
+SIGTERM removes the staged shards and exits with one line, and rerunning gives byte-identical output."""
 import argparse
+import collections
+import contextlib
 import functools
 import glob
 import gzip
+import itertools
 import json
 import multiprocessing as mp
 import os
+import queue
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -191,18 +197,123 @@ def main(argv=None):
     meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "tokenizer_vocab_size": enc.n_vocab,
             "eot_id": enc.eot_token, "source": source, "dtype": token_dtype(enc.n_vocab).name,
             "shard_tokens": args.shard_tokens, "splits": {}}
-    pool = mp.Pool(args.workers) if args.workers > 1 else None
+    pool = None
     try:
+        pool = Workers(args.workers) if args.workers > 1 else None
         for split in ("train", "val"):
             meta["splits"][split] = tokenize_split(split, chunks[split], pool, args)
-    except BaseException:
-        remove_shards(args.out_dir, suffixes=(".new", ".tmp"))  # our staged files; an older dataset stays intact
+    except BaseException:  # an error, Ctrl-C or SIGTERM: remove our staged files, an older dataset stays intact
+        with uninterruptible():
+            if pool:
+                pool.close()
+            remove_shards(args.out_dir, suffixes=(".new", ".tmp"))
         raise
-    finally:
+    with uninterruptible():  # a moment; SIGKILL here leaves no meta.json, so the data is refused until a rerun
         if pool:
-            pool.terminate()
-    install(args.out_dir, meta)
+            pool.close()
+        install(args.out_dir, meta)
     return meta
+
+
+@contextlib.contextmanager
+def uninterruptible():
+    """Ignore Ctrl-C and SIGTERM for a step that must finish once begun (main thread only)."""
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+class Workers:
+    """Worker processes for an ordered map, each with its own pipe and two items in flight, so they share no queue
+    or lock: a worker that dies (the OOM killer, a stray signal) is a DataError here, not a hang as in
+    multiprocessing.Pool, and stopping them is killing them. They ignore Ctrl-C and SIGTERM, which may reach every
+    process of a run (a terminal, timeout, SLURM, systemd): the parent acts on those. When the parent is gone,
+    they exit quietly."""
+
+    def __init__(self, n):
+        self.procs, self.conns = [], []
+        try:
+            for _ in range(n):
+                conn, child = mp.Pipe()
+                proc = mp.Process(target=serve, args=(child, conn), daemon=True)
+                proc.start()
+                child.close()
+                self.procs.append(proc)
+                self.conns.append(conn)
+        except BaseException:  # Ctrl-C while starting: kill the ones started (SIGTERM at exit would not stop them)
+            self.close()
+            raise
+
+    def imap(self, fn, items):
+        """fn(item) for each item, in order, as a generator; an exception raised by fn is raised here."""
+        items, busy = iter(items), collections.deque()  # busy: the worker of each item in flight, oldest first
+
+        def feed(k):
+            for item in itertools.islice(items, 1):
+                try:
+                    self.conns[k].send((fn, item))
+                except OSError:
+                    raise self.died(k) from None
+                busy.append(k)
+
+        for k in list(range(len(self.conns))) * 2:  # two items in flight per worker: it never waits for the next
+            feed(k)
+        while busy:
+            k = busy.popleft()
+            try:
+                ok, result = self.conns[k].recv()
+            except (EOFError, OSError):
+                raise self.died(k) from None
+            feed(k)
+            if not ok:
+                raise result
+            yield result
+
+    def died(self, k):
+        self.procs[k].join()
+        code = self.procs[k].exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        return DataError(f"worker process {k} died ({how}); the output dir is as it was: rerun, with fewer --workers "
+                         "if it ran out of memory")
+
+    def close(self):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.join()
+
+
+def serve(conn, parent_end):
+    """A worker: (fn, item) in, (True, fn(item)) or (False, the exception) out, in order, until the parent is gone.
+    A thread takes the items in as they come, so the parent's sends never wait on this worker's work: both sides
+    may block on a write without a deadlock."""
+    parent_end.close()  # fork copied it; closed, the parent's death is an EOF here (a later worker holds copies
+    # of earlier ones' parent ends, but the last worker's pipe is private: they exit last to first)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    inbox = queue.SimpleQueue()
+
+    def receive():
+        try:
+            while True:
+                inbox.put(conn.recv())
+        except (EOFError, OSError):
+            inbox.put(None)
+
+    threading.Thread(target=receive, daemon=True).start()
+    while (task := inbox.get()) is not None:
+        fn, item = task
+        try:
+            result = True, fn(item)
+        except Exception as e:
+            result = False, e
+        try:
+            conn.send(result)
+        except OSError:
+            return  # the parent is gone
 
 
 def remove_shards(out_dir, suffixes=(".bin", ".new", ".tmp"), keep=()):
@@ -223,7 +334,12 @@ def install(out_dir, meta):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     try:
         main()
     except ValueError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted: removed this run's staged shards, the output dir is as it was; rerun to prepare the data",
+              file=sys.stderr)
+        sys.exit(130)

@@ -1,8 +1,11 @@
 """Tests of prepare_c4.py and data.py, offline, on small generated C4-format files (make_corpus.py)."""
 import gzip
 import json
+import multiprocessing
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -131,19 +134,71 @@ def test_rerun_after_kill_gives_same_bytes(c4_source, byte_data, tmp_path, monke
     assert dir_bytes(tmp_path) == dir_bytes(byte_data)
 
 
-def test_killed_subprocess_then_rerun(tmp_path):
-    src, out_a, out_b = tmp_path / "src", tmp_path / "a", tmp_path / "b"
-    make_c4_source(src, n_train=(20000,), n_val=50)
+@pytest.fixture(scope="module")
+def big_source(tmp_path_factory):
+    """A corpus that takes a while to prepare (~4M byte tokens), and it prepared by a run that was not disturbed."""
+    root = tmp_path_factory.mktemp("big")
+    make_c4_source(root / "src", n_train=(20000,), n_val=50)
+    prepare(root / "ref", root / "src", "--shard_tokens", "20000", "--workers", "1")
+    return root / "src", root / "ref"
+
+
+def start_prepare(src, out, workers):
+    """prepare_c4.py in its own process group, returned once it has staged a shard."""
     cmd = [sys.executable, "prepare_c4.py", "--data_dir", str(src), "--tokenizer", "byte", "--shard_tokens", "20000",
-           "--workers", "1"]
-    proc = subprocess.Popen(cmd + ["--out_dir", str(out_a)], stderr=subprocess.PIPE, cwd=os.path.dirname(__file__))
-    proc.stderr.read(1)  # first progress output: tokenization is under way
+           "--workers", workers, "--out_dir", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=os.path.dirname(__file__), start_new_session=True)
+    proc.stderr.read(1)  # first progress output: tokenization is under way, a shard is staged
+    assert proc.poll() is None and any(n.endswith(".bin.new") for n in os.listdir(out))
+    return proc, cmd
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_killed_subprocess_then_rerun(big_source, tmp_path, workers):
+    src, ref = big_source
+    proc, cmd = start_prepare(src, tmp_path, workers)
     proc.kill()
-    proc.wait()
-    assert not (out_a / "meta.json").exists() and any(n.endswith(".bin.new") for n in os.listdir(out_a))
-    subprocess.run(cmd + ["--out_dir", str(out_a)], check=True, capture_output=True, cwd=os.path.dirname(__file__))
-    prepare(out_b, src, "--shard_tokens", "20000", "--workers", "1")
-    assert dir_bytes(out_a) == dir_bytes(out_b)
+    err = proc.communicate(timeout=30)[1].decode()  # returns once every worker has exited (they hold stderr)
+    assert proc.returncode == -signal.SIGKILL and "Traceback" not in err and "Error" not in err
+    assert not (tmp_path / "meta.json").exists() and any(n.endswith(".bin.new") for n in os.listdir(tmp_path))
+    subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(__file__))
+    assert dir_bytes(tmp_path) == dir_bytes(ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers, sig, to_group", [("1", signal.SIGINT, True), ("2", signal.SIGINT, True),
+                                                    ("1", signal.SIGTERM, False), ("2", signal.SIGTERM, False),
+                                                    ("2", signal.SIGTERM, True)])
+def test_interrupt_removes_the_staged_shards_in_one_line(byte_data, big_source, tmp_path, workers, sig, to_group):
+    """Ctrl-C (SIGINT to the process group), kill (SIGTERM to the parent), or SIGTERM to every process (timeout,
+    SLURM, systemd): one line, no staged files, the older dataset in the output dir as it was; a rerun finishes."""
+    src, ref = big_source
+    shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
+    proc, cmd = start_prepare(src, tmp_path, workers)
+    (os.killpg if to_group else os.kill)(proc.pid, sig)
+    err = proc.communicate(timeout=30)[1].decode()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.endswith("\ninterrupted: removed this run's staged shards, the output dir is as it was; rerun to "
+                        "prepare the data\n")
+    assert dir_bytes(tmp_path) == dir_bytes(byte_data)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(__file__))
+    assert dir_bytes(tmp_path) == dir_bytes(ref)
+
+
+def test_dead_worker_is_a_one_line_error(byte_data, big_source, tmp_path):
+    """A worker killed on its own (the OOM killer) stops the run with one line, not a hang."""
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("finds the workers as the children of prepare_c4.py, which they are with fork")
+    shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
+    proc, cmd = start_prepare(big_source[0], tmp_path, "2")
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    err = proc.communicate(timeout=30)[1].decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert re.search(r"\nerror: worker process [01] died \(killed by SIGKILL\); the output dir is as it was: rerun, "
+                     r"with fewer --workers if it ran out of memory\n$", err), err
+    assert dir_bytes(tmp_path) == dir_bytes(byte_data)
 
 
 def test_plain_directory_and_glob(tmp_path):
