@@ -4,8 +4,11 @@ A shard is a 32-byte header of four little-endian int64 (magic, format version, 
 token count) followed by the tokens as uint16 (vocab <= 65536) or uint32. A prepared data dir holds
 train_000000.bin, ..., val_000000.bin, ... and meta.json (written by prepare_c4.py).
 """
+import bisect
+import collections
 import json
 import os
+import resource
 
 import numpy as np
 
@@ -51,8 +54,9 @@ def write_shard(path, tokens):
     write_atomic(path, write)
 
 
-def read_header(path):
-    """-> (dtype, n_tokens), checking magic, version and file size."""
+def read_header(path, dtype=None):
+    """-> (dtype, n_tokens), checking magic, version, file size and, if dtype is given (what meta.json says the
+    tokens are), the token dtype."""
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
@@ -71,15 +75,15 @@ def read_header(path):
     if size != HEADER_BYTES + n * itemsize:
         raise DataError(f"shard {path} is truncated or corrupt: {size} bytes, header says "
                         f"{HEADER_BYTES + n * itemsize}; re-run prepare_c4.py")
+    if dtype is not None and np.dtype(dtype) != DTYPES[itemsize]:
+        raise DataError(f"shard {path} holds {np.dtype(DTYPES[itemsize])} tokens but meta.json says "
+                        f"{np.dtype(dtype)}; the shard and meta.json come from different runs: re-run prepare_c4.py")
     return np.dtype(DTYPES[itemsize]), n
 
 
 def open_shard(path, dtype=None):
-    """Memory-map a shard's tokens; dtype (if given) is what meta.json says the tokens should be."""
-    shard_dtype, n = read_header(path)
-    if dtype is not None and np.dtype(dtype) != shard_dtype:
-        raise DataError(f"shard {path} holds {shard_dtype} tokens but meta.json says {np.dtype(dtype)}; "
-                        "the shard and meta.json come from different runs: re-run prepare_c4.py")
+    """Memory-map a shard's tokens (for inspection; the loader reads with Windows); dtype as in read_header."""
+    shard_dtype, n = read_header(path, dtype)
     return np.memmap(path, dtype=shard_dtype, mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
@@ -89,6 +93,10 @@ def write_meta(data_dir, meta):
 
 
 def load_meta(data_dir):
+    """-> data_dir/meta.json as a dict, checked against itself: its vocab_size must be the tokenizer's (as
+    prepare_c4.py recorded it) and above every token id the shards hold, so a hand-edited or mismatched
+    vocabulary is refused before any model is built. A meta.json from before those fields were recorded is
+    checked without them. Raises DataError."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isdir(data_dir):
         raise DataError(f"data dir {data_dir} does not exist; run prepare_c4.py --out_dir {data_dir} first")
@@ -99,12 +107,23 @@ def load_meta(data_dir):
         for split in SPLITS:
             s = meta["splits"][split]
             s["tokens"], s["documents"], list(s["shards"])  # KeyError/TypeError if malformed
+        n_vocab = meta.get("tokenizer_vocab_size", vocab)
+        split = max(SPLITS, key=lambda s: meta["splits"][s].get("max_token_id", -1))  # absent in older meta.json
+        max_id = meta["splits"][split].get("max_token_id", -1)
+        if not all(type(v) is int for v in (vocab, n_vocab, max_id)):
+            raise TypeError("vocab_size, tokenizer_vocab_size and max_token_id must be integers")
     except FileNotFoundError:
         raise DataError(f"{path} is missing (preparation never finished?); "
                         f"run prepare_c4.py --out_dir {data_dir}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path} is corrupt ({type(e).__name__}: {e}); "
                         f"re-run prepare_c4.py --out_dir {data_dir}") from None
+    if vocab <= max_id:
+        raise DataError(f"{path}: vocab_size {vocab} is too small for the {split} shards' token id {max_id}; "
+                        f"set vocab_size back to {n_vocab} or re-run prepare_c4.py")
+    if vocab != n_vocab:
+        raise DataError(f"{path}: vocab_size {vocab} is not the {meta.get('tokenizer')} tokenizer's {n_vocab}, so the "
+                        f"model would be a different size; set vocab_size back to {n_vocab} or re-run prepare_c4.py")
     if dtype != token_dtype(vocab):
         raise DataError(f"{path}: vocab_size {vocab} needs {token_dtype(vocab)} tokens, not {dtype}; "
                         "re-run prepare_c4.py")
@@ -112,33 +131,68 @@ def load_meta(data_dir):
 
 
 class Windows:
-    """The non-overlapping (seq_len+1)-token windows (stride seq_len) of one split's shards."""
+    """The (seq_len+1)-token windows at stride seq_len of one split's token stream (DataError if it has none), its
+    shards read end to end
+    (a window may cross shard boundaries). Window i is stream[i*seq_len : i*seq_len + seq_len + 1]; only the
+    last, partial window is unreachable. Reads with os.preadv, keeping at most a quarter of the open-file limit
+    (RLIMIT_NOFILE) of shards open, least recently used closed first: any number of shards fits the limit (a memmap
+    would hold a file descriptor per shard), and up to that many, no shard is opened twice."""
 
     def __init__(self, data_dir, meta, split, seq_len):
+        self.fds = collections.OrderedDict()  # shard index -> open file descriptor, least recently used first
         info = meta["splits"][split]
         if not info["shards"]:
             raise DataError(f"{data_dir} has no {split} shards; re-run prepare_c4.py")
-        self.shards = [open_shard(os.path.join(data_dir, name), meta["dtype"]) for name in info["shards"]]
-        n_tokens = sum(len(s) for s in self.shards)
-        if n_tokens != info["tokens"]:
-            raise DataError(f"{split} shards in {data_dir} hold {n_tokens} tokens, meta.json says {info['tokens']}; "
-                            "re-run prepare_c4.py")
-        self.n_tokens, self.seq_len = n_tokens, seq_len
-        counts = [max(len(s) - 1, 0) // seq_len for s in self.shards]
-        self.first = np.cumsum([0] + counts)  # global index of each shard's first window
-        self.count = int(self.first[-1])
+        self.paths = [os.path.join(data_dir, name) for name in info["shards"]]
+        sizes = [read_header(path, meta["dtype"])[1] for path in self.paths]
+        self.dtype, self.start = np.dtype(meta["dtype"]), [0]  # start[s]: stream position of shard s's first token
+        for n in sizes:
+            self.start.append(self.start[-1] + n)
+        self.n_tokens, self.seq_len = self.start[-1], seq_len
+        if self.n_tokens != info["tokens"]:
+            raise DataError(f"{split} shards in {data_dir} hold {self.n_tokens} tokens, meta.json says "
+                            f"{info['tokens']}; re-run prepare_c4.py")
+        self.count = max(self.n_tokens - 1, 0) // seq_len
+        if self.count == 0:
+            raise DataError(f"the {split} split of {data_dir} has {self.n_tokens} tokens, fewer than one window of "
+                            f"seq_len+1 = {seq_len + 1}; prepare more data or lower seq_len")
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_open = len(self.paths) if soft == resource.RLIM_INFINITY else max(soft // 4, 1)
+
+    def __del__(self):
+        for fd in self.fds.values():
+            os.close(fd)
+
+    def fd(self, s):
+        fd = self.fds.pop(s, None)
+        if fd is None:
+            if len(self.fds) >= self.max_open:
+                os.close(self.fds.popitem(last=False)[1])
+            try:
+                fd = os.open(self.paths[s], os.O_RDONLY)
+            except OSError as e:
+                raise DataError(f"cannot read shard {self.paths[s]}: {e.strerror}; re-run prepare_c4.py") from None
+        self.fds[s] = fd
+        return fd
+
+    def read(self, pos, out):
+        """Fill out (a 1-D array of the shards' dtype) with the stream's tokens from position pos on."""
+        s, done = bisect.bisect_right(self.start, pos) - 1, 0
+        while done < len(out):
+            n = min(len(out) - done, self.start[s + 1] - pos - done)  # tokens to take from shard s
+            offset = HEADER_BYTES + (pos + done - self.start[s]) * self.dtype.itemsize
+            if os.preadv(self.fd(s), [out[done:done + n]], offset) != n * self.dtype.itemsize:
+                raise DataError(f"shard {self.paths[s]} is shorter than its header says; re-run prepare_c4.py")
+            s, done = s + 1, done + n
 
     def batch(self, indices):
-        """Windows at these global indices -> x, y int64 tensors of shape (len(indices), seq_len)."""
+        """Windows at these indices -> x, y int64 tensors of shape (len(indices), seq_len)."""
         import torch  # imported here so prepare_c4.py's workers do not pay for it
 
-        T = self.seq_len
-        shard_ids = np.searchsorted(self.first, indices, side="right") - 1
-        buf = np.empty((len(indices), T + 1), dtype=np.int64)
-        for row, (i, s) in enumerate(zip(indices, shard_ids)):
-            start = (int(i) - int(self.first[s])) * T
-            buf[row] = self.shards[s][start:start + T + 1]
-        return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
+        buf = np.empty((len(indices), self.seq_len + 1), dtype=self.dtype)
+        for row, i in zip(buf, indices):
+            self.read(int(i) * self.seq_len, row)
+        return torch.from_numpy(buf[:, :-1].astype(np.int64)), torch.from_numpy(buf[:, 1:].astype(np.int64))
 
 
 class TrainBatches:
@@ -153,9 +207,6 @@ class TrainBatches:
         self.meta = load_meta(data_dir)
         self.vocab_size = self.meta["vocab_size"]
         self.windows = Windows(data_dir, self.meta, "train", seq_len)
-        if self.windows.count == 0:
-            raise DataError(f"the train split of {data_dir} has {self.windows.n_tokens} tokens, fewer than one "
-                            f"window of seq_len+1 = {seq_len + 1}; prepare more data or lower seq_len")
         self.B, self.TB, self.rank, self.world_size, self.seed = batch_size, total_batch_size, rank, world_size, seed
         self.grad_accum = total_batch_size // (batch_size * world_size)
         self._perms = {}

@@ -25,10 +25,7 @@ from train import autocast_for, evaluate, init_distributed, process_device
 def eval_tokens_of(text, data_dir, split, seq_len):
     """--eval_tokens: a positive int, or "all" (every whole window of the split) -> an int."""
     if text == "all":
-        windows = Windows(data_dir, load_meta(data_dir), split, seq_len)
-        if windows.count == 0:
-            raise ValueError(f"the {split} split of {data_dir} has {windows.n_tokens} tokens, fewer than one window "
-                             f"of seq_len+1 = {seq_len + 1}")
+        windows = Windows(data_dir, load_meta(data_dir), split, seq_len)  # DataError if it has no window
         return windows.count * seq_len
     if not text.isdigit() or int(text) == 0:
         raise ValueError(f"--eval_tokens must be a positive integer or all, got {text!r}")

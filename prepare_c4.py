@@ -4,19 +4,27 @@ python prepare_c4.py --out_dir data/c4_gpt2          # 1 train + 1 val file of a
 python prepare_c4.py --out_dir data/c4_byte --data_dir /path/to/c4 --tokenizer byte --train_shards 8
 
 Each document becomes <|endoftext|> + its tokens, concatenated without padding or truncation, cut into
-shards of --shard_tokens tokens; the output is the same for any --workers. Shards are staged as *.new and
-moved into place once all input is tokenized, meta.json last: an interrupted or failed run never leaves
-a dataset that looks complete, and rerunning gives byte-identical output."""
+shards of --shard_tokens tokens; the output is the same for any --workers. Text that is not valid Unicode
+(invalid UTF-8 in a file, a lone surrogate escape in its JSON) is repaired to U+FFFD as tiktoken's
+encode_ordinary does, and counted in meta.json. Shards are staged as *.new and moved into place once all input
+is tokenized, meta.json last: a failed or killed run never leaves a dataset that looks complete, Ctrl-C or
+SIGTERM removes the staged shards and exits with one line, and rerunning gives byte-identical output."""
 import argparse
+import collections
+import contextlib
 import functools
 import glob
 import gzip
+import itertools
 import json
 import multiprocessing as mp
 import os
+import queue
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -26,6 +34,7 @@ from data import DataError, token_dtype, write_meta, write_shard
 
 C4_FILES = {"train": "en/c4-train.{:05d}-of-01024.json.gz", "val": "en/c4-validation.{:05d}-of-00008.json.gz"}
 CHUNK_DOCS = 512  # documents per work item; fixed, so the output does not depend on --workers
+JSON = json.JSONDecoder(strict=False)  # allows raw control characters (a tab, a NUL) in strings, as scraped text has
 
 
 @functools.lru_cache
@@ -93,27 +102,48 @@ def hub_chunks(split, files):
         raise DataError(f"could not load {files} of allenai/c4 from the hub ({type(e).__name__}); "
                         "check the network or pass --data_dir with a local copy") from None
     for i in range(0, len(ds), CHUNK_DOCS):
-        yield f"allenai/c4 {split}", None, ds[i:i + CHUNK_DOCS]["text"]
+        yield f"allenai/c4 {split}", i + 1, ds[i:i + CHUNK_DOCS]["text"]
+
+
+def parse_line(line):
+    """A raw json line (bytes) -> (its "text", whether invalid UTF-8 in it was replaced by U+FFFD)."""
+    try:
+        s, repaired = line.decode("utf-8"), False
+    except UnicodeDecodeError:
+        s, repaired = line.decode("utf-8", "replace"), True
+    return JSON.decode(s.removeprefix("\ufeff"))["text"], repaired  # a BOM opening the file is fine
+
+
+def encode(enc, text):
+    """-> (encode_ordinary(text) as a uint32 array, whether text held lone surrogates, e.g. from a JSON escape
+    of half an emoji). Those become U+FFFD exactly as in encode_ordinary, which encode_to_numpy does not do."""
+    try:
+        return enc.encode_to_numpy(text, disallowed_special=()), False
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # encode_ordinary's repair
+        return enc.encode_to_numpy(text, disallowed_special=()), True
 
 
 def tokenize(tokenizer, chunk):
-    """One work item -> (number of docs, tokens as np array). Raw json lines are parsed here."""
+    """One work item -> (number of docs, number of them repaired, tokens as np array). Raw json lines are parsed
+    here; a document is repaired if its line had invalid UTF-8 or its text lone surrogates (see encode)."""
     enc, (where, first, items) = get_encoding(tokenizer), chunk
-    eot, parts = np.array([enc.eot_token], dtype=np.uint32), [np.empty(0, dtype=np.uint32)]
+    eot, parts, repaired = np.array([enc.eot_token], dtype=np.uint32), [np.empty(0, dtype=np.uint32)], 0
     for k, item in enumerate(items):
         try:
-            text = item if first is None else json.loads(item)["text"]
-            # encode_ordinary's tokens, as an array straight from tiktoken (no list of Python ints)
-            parts += [eot, enc.encode_to_numpy(text, disallowed_special=())]
-        except (ValueError, KeyError, TypeError):
+            text, bad_bytes = (item, False) if isinstance(item, str) else parse_line(item)
+            tokens, bad_text = encode(enc, text)
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise DataError(f"{where} line {first + k}: not a JSON object with a 'text' string; "
                             "fix or remove that file") from None
-    return len(items), np.concatenate(parts).astype(token_dtype(enc.n_vocab))
+        parts += [eot, tokens]
+        repaired += bad_bytes or bad_text
+    return len(items), repaired, np.concatenate(parts).astype(token_dtype(enc.n_vocab))
 
 
 def tokenize_split(split, chunks, pool, args):
     """Tokenize one split into staged shards <split>_NNNNNN.bin.new; -> its meta.json entry."""
-    names, buf, n_tokens, n_docs, t0 = [], [], 0, 0, time.time()
+    names, buf, n_tokens, n_docs, n_repaired, max_id, t0 = [], [], 0, 0, 0, 0, time.time()
 
     def flush(tokens):
         names.append(f"{split}_{len(names):06d}.bin")
@@ -121,20 +151,23 @@ def tokenize_split(split, chunks, pool, args):
 
     try:
         work = functools.partial(tokenize, args.tokenizer)
-        for docs, tokens in pool.imap(work, chunks) if pool else map(work, chunks):
-            n_docs, n_tokens = n_docs + docs, n_tokens + len(tokens)
+        for docs, repaired, tokens in pool.imap(work, chunks) if pool else map(work, chunks):
+            n_docs, n_repaired, n_tokens = n_docs + docs, n_repaired + repaired, n_tokens + len(tokens)
+            max_id = max(max_id, int(tokens.max(initial=0)))
             buf.append(tokens)
             while sum(map(len, buf)) >= args.shard_tokens:
                 joined = np.concatenate(buf)
                 flush(joined[:args.shard_tokens])
                 buf = [joined[args.shard_tokens:]]
-            print(f"\r{split}: {n_docs:,} docs, {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} tokens/s",
-                  end="", file=sys.stderr, flush=True)
+            note = f" ({n_repaired:,} repaired: invalid UTF-8 or lone surrogates became U+FFFD)" if n_repaired else ""
+            print(f"\r{split}: {n_docs:,} docs{note}, {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} "
+                  "tokens/s", end="", file=sys.stderr, flush=True)
     finally:
         print(file=sys.stderr)
     if sum(map(len, buf)):
         flush(np.concatenate(buf))
-    return {"shards": names, "tokens": n_tokens, "documents": n_docs}
+    return {"shards": names, "tokens": n_tokens, "documents": n_docs, "repaired_documents": n_repaired,
+            "max_token_id": max_id}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -163,20 +196,126 @@ def main(argv=None):
         source = {"hub": "allenai/c4", "files": c4_files(args.train_shards, args.val_shards)}
         chunks = {s: hub_chunks(s, fs) for s, fs in source["files"].items()}
     os.makedirs(args.out_dir, exist_ok=True)
-    meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "source": source,
-            "dtype": token_dtype(enc.n_vocab).name, "shard_tokens": args.shard_tokens, "splits": {}}
-    pool = mp.Pool(args.workers) if args.workers > 1 else None
+    meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "tokenizer_vocab_size": enc.n_vocab,
+            "eot_id": enc.eot_token, "source": source, "dtype": token_dtype(enc.n_vocab).name,
+            "shard_tokens": args.shard_tokens, "splits": {}}
+    pool = None
     try:
+        pool = Workers(args.workers) if args.workers > 1 else None
         for split in ("train", "val"):
             meta["splits"][split] = tokenize_split(split, chunks[split], pool, args)
-    except BaseException:
-        remove_shards(args.out_dir, suffixes=(".new", ".tmp"))  # our staged files; an older dataset stays intact
+    except BaseException:  # an error, Ctrl-C or SIGTERM: remove our staged files, an older dataset stays intact
+        with uninterruptible():
+            if pool:
+                pool.close()
+            remove_shards(args.out_dir, suffixes=(".new", ".tmp"))
         raise
-    finally:
+    with uninterruptible():  # a moment; SIGKILL here leaves no meta.json, so the data is refused until a rerun
         if pool:
-            pool.terminate()
-    install(args.out_dir, meta)
+            pool.close()
+        install(args.out_dir, meta)
     return meta
+
+
+@contextlib.contextmanager
+def uninterruptible():
+    """Ignore Ctrl-C and SIGTERM for a step that must finish once begun (main thread only)."""
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+class Workers:
+    """Worker processes for an ordered map, each with its own pipe and two items in flight, so they share no queue
+    or lock: a worker that dies (the OOM killer, a stray signal) is a DataError here, not a hang as in
+    multiprocessing.Pool, and stopping them is killing them. They ignore Ctrl-C and SIGTERM, which may reach every
+    process of a run (a terminal, timeout, SLURM, systemd): the parent acts on those. When the parent is gone,
+    they exit quietly."""
+
+    def __init__(self, n):
+        self.procs, self.conns = [], []
+        try:
+            for _ in range(n):
+                conn, child = mp.Pipe()
+                proc = mp.Process(target=serve, args=(child, conn), daemon=True)
+                proc.start()
+                child.close()
+                self.procs.append(proc)
+                self.conns.append(conn)
+        except BaseException:  # Ctrl-C while starting: kill the ones started (SIGTERM at exit would not stop them)
+            self.close()
+            raise
+
+    def imap(self, fn, items):
+        """fn(item) for each item, in order, as a generator; an exception raised by fn is raised here."""
+        items, busy = iter(items), collections.deque()  # busy: the worker of each item in flight, oldest first
+
+        def feed(k):
+            for item in itertools.islice(items, 1):
+                try:
+                    self.conns[k].send((fn, item))
+                except OSError:
+                    raise self.died(k) from None
+                busy.append(k)
+
+        for k in list(range(len(self.conns))) * 2:  # two items in flight per worker: it never waits for the next
+            feed(k)
+        while busy:
+            k = busy.popleft()
+            try:
+                ok, result = self.conns[k].recv()
+            except (EOFError, OSError):
+                raise self.died(k) from None
+            feed(k)
+            if not ok:
+                raise result
+            yield result
+
+    def died(self, k):
+        self.procs[k].join()
+        code = self.procs[k].exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        return DataError(f"worker process {k} died ({how}); the output dir is as it was: rerun, with fewer --workers "
+                         "if it ran out of memory")
+
+    def close(self):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.join()
+
+
+def serve(conn, parent_end):
+    """A worker: (fn, item) in, (True, fn(item)) or (False, the exception) out, in order, until the parent is gone.
+    A thread takes the items in as they come, so the parent's sends never wait on this worker's work: both sides
+    may block on a write without a deadlock."""
+    parent_end.close()  # fork copied it; closed, the parent's death is an EOF here (a later worker holds copies
+    # of earlier ones' parent ends, but the last worker's pipe is private: they exit last to first)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    inbox = queue.SimpleQueue()
+
+    def receive():
+        try:
+            while True:
+                inbox.put(conn.recv())
+        except (EOFError, OSError):
+            inbox.put(None)
+
+    threading.Thread(target=receive, daemon=True).start()
+    while (task := inbox.get()) is not None:
+        fn, item = task
+        try:
+            result = True, fn(item)
+        except Exception as e:
+            result = False, e
+        try:
+            conn.send(result)
+        except OSError:
+            return  # the parent is gone
 
 
 def remove_shards(out_dir, suffixes=(".bin", ".new", ".tmp"), keep=()):
@@ -278,7 +417,12 @@ def process_alive(pid):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     try:
         main()
     except ValueError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted: removed this run's staged shards, the output dir is as it was; rerun to prepare the data",
+              file=sys.stderr)
+        sys.exit(130)

@@ -1,8 +1,11 @@
 """Tests of prepare_c4.py and data.py, offline, on small generated C4-format files (make_corpus.py)."""
 import gzip
 import json
+import multiprocessing
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
+from tiktoken_ext.openai_public import r50k_pat_str
 
 import data
 import prepare_c4
@@ -38,6 +42,24 @@ def prepare(out, src, *extra):
     return prepare_c4.main(["--out_dir", str(out), "--data_dir", str(src), "--tokenizer", "byte", *extra])
 
 
+def old_style_meta(data_dir):
+    """data_dir's meta.json as prepare_c4.py wrote it before it recorded the tokenizer's size and the largest id."""
+    meta = data.load_meta(data_dir)
+    del meta["tokenizer_vocab_size"]
+    for info in meta["splits"].values():
+        del info["max_token_id"], info["repaired_documents"]
+    return meta
+
+
+def small_bpe():
+    """A small BPE tiktoken.Encoding with GPT-2's split regex and merges, U+FFFD's bytes among them."""
+    ranks = {bytes([i]): i for i in range(256)}
+    for piece in [b"th", b"the", b" t", b" th", b" the", b"in", b"ing", b"\xef\xbf", b"\xef\xbf\xbd", b"\xf0\x9f"]:
+        ranks[piece] = len(ranks)
+    return tiktoken.Encoding("small_bpe", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
 # ---------------------------------------------------------------- prepare_c4.py
 
 
@@ -54,6 +76,7 @@ def test_tokens_equal_direct_encoding(c4_source, byte_data):
     enc = prepare_c4.get_encoding("byte")
     meta = data.load_meta(byte_data)
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["dtype"]) == ("byte", 257, 256, "uint16")
+    assert meta["tokenizer_vocab_size"] == 257
     for split, files in SPLIT_FILES.items():
         docs = [d for f in files for d in read_docs(c4_source / f)]
         expected = [t for d in docs for t in [256] + list(d.encode("utf-8"))]
@@ -62,6 +85,7 @@ def test_tokens_equal_direct_encoding(c4_source, byte_data):
         assert got.dtype == np.uint16 and got.tolist() == expected
         info = meta["splits"][split]
         assert (info["tokens"], info["documents"]) == (len(expected), len(docs))
+        assert (info["repaired_documents"], info["max_token_id"]) == (0, max(expected))
         # eot exactly at each document start
         starts = np.cumsum([0] + [1 + len(d.encode()) for d in docs[:-1]])
         assert np.flatnonzero(got == 256).tolist() == starts.tolist()
@@ -110,19 +134,71 @@ def test_rerun_after_kill_gives_same_bytes(c4_source, byte_data, tmp_path, monke
     assert dir_bytes(tmp_path) == dir_bytes(byte_data)
 
 
-def test_killed_subprocess_then_rerun(tmp_path):
-    src, out_a, out_b = tmp_path / "src", tmp_path / "a", tmp_path / "b"
-    make_c4_source(src, n_train=(20000,), n_val=50)
+@pytest.fixture(scope="module")
+def big_source(tmp_path_factory):
+    """A corpus that takes a while to prepare (~4M byte tokens), and it prepared by a run that was not disturbed."""
+    root = tmp_path_factory.mktemp("big")
+    make_c4_source(root / "src", n_train=(20000,), n_val=50)
+    prepare(root / "ref", root / "src", "--shard_tokens", "20000", "--workers", "1")
+    return root / "src", root / "ref"
+
+
+def start_prepare(src, out, workers):
+    """prepare_c4.py in its own process group, returned once it has staged a shard."""
     cmd = [sys.executable, "prepare_c4.py", "--data_dir", str(src), "--tokenizer", "byte", "--shard_tokens", "20000",
-           "--workers", "1"]
-    proc = subprocess.Popen(cmd + ["--out_dir", str(out_a)], stderr=subprocess.PIPE, cwd=os.path.dirname(__file__))
-    proc.stderr.read(1)  # first progress output: tokenization is under way
+           "--workers", workers, "--out_dir", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=os.path.dirname(__file__), start_new_session=True)
+    proc.stderr.read(1)  # first progress output: tokenization is under way, a shard is staged
+    assert proc.poll() is None and any(n.endswith(".bin.new") for n in os.listdir(out))
+    return proc, cmd
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_killed_subprocess_then_rerun(big_source, tmp_path, workers):
+    src, ref = big_source
+    proc, cmd = start_prepare(src, tmp_path, workers)
     proc.kill()
-    proc.wait()
-    assert not (out_a / "meta.json").exists() and any(n.endswith(".bin.new") for n in os.listdir(out_a))
-    subprocess.run(cmd + ["--out_dir", str(out_a)], check=True, capture_output=True, cwd=os.path.dirname(__file__))
-    prepare(out_b, src, "--shard_tokens", "20000", "--workers", "1")
-    assert dir_bytes(out_a) == dir_bytes(out_b)
+    err = proc.communicate(timeout=30)[1].decode()  # returns once every worker has exited (they hold stderr)
+    assert proc.returncode == -signal.SIGKILL and "Traceback" not in err and "Error" not in err
+    assert not (tmp_path / "meta.json").exists() and any(n.endswith(".bin.new") for n in os.listdir(tmp_path))
+    subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(__file__))
+    assert dir_bytes(tmp_path) == dir_bytes(ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers, sig, to_group", [("1", signal.SIGINT, True), ("2", signal.SIGINT, True),
+                                                    ("1", signal.SIGTERM, False), ("2", signal.SIGTERM, False),
+                                                    ("2", signal.SIGTERM, True)])
+def test_interrupt_removes_the_staged_shards_in_one_line(byte_data, big_source, tmp_path, workers, sig, to_group):
+    """Ctrl-C (SIGINT to the process group), kill (SIGTERM to the parent), or SIGTERM to every process (timeout,
+    SLURM, systemd): one line, no staged files, the older dataset in the output dir as it was; a rerun finishes."""
+    src, ref = big_source
+    shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
+    proc, cmd = start_prepare(src, tmp_path, workers)
+    (os.killpg if to_group else os.kill)(proc.pid, sig)
+    err = proc.communicate(timeout=30)[1].decode()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.endswith("\ninterrupted: removed this run's staged shards, the output dir is as it was; rerun to "
+                        "prepare the data\n")
+    assert dir_bytes(tmp_path) == dir_bytes(byte_data)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(__file__))
+    assert dir_bytes(tmp_path) == dir_bytes(ref)
+
+
+def test_dead_worker_is_a_one_line_error(byte_data, big_source, tmp_path):
+    """A worker killed on its own (the OOM killer) stops the run with one line, not a hang."""
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("finds the workers as the children of prepare_c4.py, which they are with fork")
+    shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
+    proc, cmd = start_prepare(big_source[0], tmp_path, "2")
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    err = proc.communicate(timeout=30)[1].decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert re.search(r"\nerror: worker process [01] died \(killed by SIGKILL\); the output dir is as it was: rerun, "
+                     r"with fewer --workers if it ran out of memory\n$", err), err
+    assert dir_bytes(tmp_path) == dir_bytes(byte_data)
 
 
 def test_plain_directory_and_glob(tmp_path):
@@ -142,6 +218,45 @@ def test_plain_directory_and_glob(tmp_path):
     assert split_tokens(tmp_path / "o2", "train").tolist()[-9:] == [256, *b"held out"]
 
 
+@pytest.mark.parametrize("enc", [prepare_c4.get_encoding("byte"), small_bpe()], ids=["byte", "small_bpe"])
+def test_encode_is_encode_ordinary_for_any_text(enc):
+    texts = ["half an emoji: \ud83d, then more", "\ude00 a low one first", "reversed \ude00\ud83d", "the thing",
+             "a pair as two code points \ud83d" + "\ude00", "NUL \x00, bell \x07, \x1b[0m, \x7f",
+             "\ufeffBOM and \ufffd",
+             "CRLF\r\nthe end\u2028", "<|endoftext|> is ordinary text here", ""]
+    for text in texts:
+        tokens, repaired = prepare_c4.encode(enc, text)
+        assert tokens.dtype == np.uint32 and tokens.tolist() == enc.encode_ordinary(text)
+        assert repaired == any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+    assert enc.decode(prepare_c4.encode(enc, "x\ud83dy")[0].tolist()) == "x\ufffdy"
+
+
+UNCLEAN = [  # a json line as a file may hold it -> its text as prepared
+    (b'\xef\xbb\xbf{"text": "a BOM opens the file"}\r\n', "a BOM opens the file"),
+    (b'{"text": "half an emoji: \\ud83d, then more"}\r\n', "half an emoji: \ufffd, then more"),  # repaired
+    (b'{"text": "raw tab\tNUL\x00 bell\x07"}\n', "raw tab\tNUL\x00 bell\x07"),  # raw control chars: not strict JSON
+    (b'{"text": "escaped \\u0000 NUL, \\r\\n CRLF, \\ufeff BOM"}\n', "escaped \x00 NUL, \r\n CRLF, \ufeff BOM"),
+    (b'{"text": "bad bytes \xff\xfe, cut short \xe2\x82"}\n', "bad bytes \ufffd\ufffd, cut short \ufffd"),  # repaired
+    (b'{"text": "caf\xe9 in Latin-1"}\n', "caf\ufffd in Latin-1"),  # repaired
+    (b'{"text": "a pair: \\ud83d\\ude00"}\n', "a pair: \U0001f600"),
+]
+
+
+def test_unclean_text_is_repaired_and_counted_the_same_for_any_workers(tmp_path, capsys):
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "train.jsonl").write_bytes(b"".join(line for line, _ in UNCLEAN))
+    (d / "val.jsonl").write_bytes(UNCLEAN[1][0] + UNCLEAN[0][0])  # a BOM on a later line (files joined with cat)
+    meta = prepare(tmp_path / "w1", d, "--workers", "1")
+    assert "train: 7 docs (3 repaired: invalid UTF-8 or lone surrogates became U+FFFD)," in capsys.readouterr().err
+    expected = [t for _, text in UNCLEAN for t in [256, *text.encode("utf-8")]]
+    assert split_tokens(tmp_path / "w1", "train").tolist() == expected
+    assert split_tokens(tmp_path / "w1", "val").tolist() == [256, *UNCLEAN[1][1].encode(), 256, *UNCLEAN[0][1].encode()]
+    assert [meta["splits"][s]["repaired_documents"] for s in ("train", "val")] == [3, 1]
+    prepare(tmp_path / "w2", d, "--workers", "2")
+    assert dir_bytes(tmp_path / "w1") == dir_bytes(tmp_path / "w2")
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "--data_dir {d}/missing does not exist; give a local C4 clone or a dir/glob of json files"),
     (lambda d: (d / "missing").mkdir() or (d / "missing" / "x.txt").write_text("hi"),
@@ -159,6 +274,11 @@ def test_bad_source_dir(tmp_path, setup, message):
     (b'{"text": "ok"}\nnot json\n', "{f} line 2: not a JSON object with a 'text' string; fix or remove that file"),
     (b'{"text": "ok"}\n{"url": "x"}\n', "{f} line 2: not a JSON object with a 'text' string; fix or remove that file"),
     (b'{"text": 3}\n', "{f} line 1: not a JSON object with a 'text' string; fix or remove that file"),
+    (b'{"text": null}\n', "{f} line 1: not a JSON object with a 'text' string; fix or remove that file"),
+    (b'{"text": "ok"}\n{"text": ' + b"[" * 100_000 + b"\n",
+     "{f} line 2: not a JSON object with a 'text' string; fix or remove that file"),  # deeper than Python recurses
+    ('{"text": "UTF-16"}\n'.encode("utf-16"),
+     "{f} line 1: not a JSON object with a 'text' string; fix or remove that file"),
     (b"garbage", "cannot read {f} (Not a gzipped file (b'ga')); re-download it"),
 ])
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -265,7 +385,7 @@ def test_meta_errors(byte_data, tmp_path):
 
 def test_vocab_mismatch_between_meta_and_shards(byte_data, tmp_path):
     shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
-    meta = data.load_meta(tmp_path)
+    meta = old_style_meta(byte_data)
     meta["vocab_size"] = 100277
     data.write_meta(str(tmp_path), meta)
     with pytest.raises(DataError, match=r"meta.json: vocab_size 100277 needs uint32 tokens, not uint16"):
@@ -285,12 +405,10 @@ def test_vocab_mismatch_between_meta_and_shards(byte_data, tmp_path):
 
 
 def reference_windows(data_dir, split, T):
-    """All (T+1)-token windows of a split, shard by shard, stride T (independent of data.py's index math)."""
-    out = []
-    for name in data.load_meta(data_dir)["splits"][split]["shards"]:
-        toks = open_shard(os.path.join(data_dir, name)).astype(np.int64)
-        out += [toks[i:i + T + 1] for i in range(0, len(toks) - T, T)]
-    return np.stack(out)
+    """All (T+1)-token windows at stride T of a split's shards read as one stream (independent of data.py's
+    index math): windows cross shard boundaries."""
+    toks = split_tokens(data_dir, split).astype(np.int64)
+    return np.stack([toks[i:i + T + 1] for i in range(0, len(toks) - T, T)])
 
 
 def test_train_batches_match_reference(byte_data):
@@ -342,6 +460,97 @@ def test_val_windows_same_for_any_world_size(byte_data):
         assert sorted(got) == list(range(len(ref))) and all(np.array_equal(got[i], ref[i]) for i in got)
 
 
+def test_windows_cross_shard_boundaries(c4_source, byte_data, tmp_path):
+    """Shards shorter than a window: the split is still one token stream, and every window of it is reachable."""
+    prepare(tmp_path, c4_source, "--train_shards", "2", "--workers", "1", "--shard_tokens", "100")
+    assert len(data.load_meta(tmp_path)["splits"]["train"]["shards"]) == 629
+    for T in (128, 64):
+        ref = reference_windows(byte_data, "train", T)
+        short, long = TrainBatches(str(tmp_path), T, 4, 16, seed=5), TrainBatches(str(byte_data), T, 4, 16, seed=5)
+        assert short.windows.count == long.windows.count == len(ref) == (62885 - 1) // T  # only a partial window lost
+        order = np.random.default_rng([5, 0]).permutation(len(ref))
+        for step, k in [(0, 0), (3, 2), (len(ref) // 16 - 1, 3)]:
+            x, y = short.get(step, k)
+            want = ref[order[step * 16 + k * 4: step * 16 + (k + 1) * 4]]
+            assert np.array_equal(x.numpy(), want[:, :-1]) and np.array_equal(y.numpy(), want[:, 1:])
+            assert all(torch.equal(a, b) for a, b in zip((x, y), long.get(step, k)))
+        val = [torch.cat(b) for b in val_batches(str(tmp_path), T, 4, 3000)]
+        assert all(torch.equal(a, torch.cat(b)) for a, b in zip(val, val_batches(str(byte_data), T, 4, 3000)))
+
+
+LOW_LIMIT_CHILD = """
+import resource, sys
+import numpy as np
+from data import TrainBatches, open_shard, val_batches
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+tb = TrainBatches(sys.argv[1], 32, 8, 16, seed=2)
+x = np.stack([tb.get(step, k)[0].numpy() for step in range(20) for k in range(2)])
+v = np.concatenate([x.numpy() for x, y in val_batches(sys.argv[1], 32, 8, 3000)])
+np.save(sys.argv[2], x)
+np.save(sys.argv[3], v)
+try:
+    [open_shard(p) for p in tb.windows.paths]
+except OSError as e:
+    print("memmaps:", e.strerror)
+"""
+
+
+def test_more_shards_than_the_open_file_limit(c4_source, byte_data, tmp_path):
+    out = tmp_path / "many"
+    prepare(out, c4_source, "--train_shards", "2", "--workers", "1", "--shard_tokens", "300")
+    assert len(data.load_meta(out)["splits"]["train"]["shards"]) == 210
+    x_path, v_path = tmp_path / "x.npy", tmp_path / "v.npy"
+    p = subprocess.run([sys.executable, "-c", LOW_LIMIT_CHILD, str(out), str(x_path), str(v_path)],
+                       capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert p.returncode == 0 and p.stdout == "memmaps: Too many open files\n", p.stderr  # one memmap per shard fails
+    tb = TrainBatches(str(byte_data), 32, 8, 16, seed=2)  # the same token stream in 2 shards
+    assert np.array_equal(np.load(x_path), np.stack([tb.get(s, k)[0].numpy() for s in range(20) for k in range(2)]))
+    val = val_batches(str(byte_data), 32, 8, 3000)
+    assert np.array_equal(np.load(v_path), np.concatenate([x.numpy() for x, y in val]))
+
+
+def test_shard_removed_or_cut_short_while_training(byte_data, tmp_path):
+    for d, damage, message in [
+        (tmp_path / "a", lambda d: os.remove(d / "train_000000.bin"),
+         "cannot read shard {d}/train_000000.bin: No such file or directory; re-run prepare_c4.py"),
+        (tmp_path / "b", lambda d: open(d / "train_000001.bin", "r+b").truncate(1000),
+         "shard {d}/train_000001.bin is shorter than its header says; re-run prepare_c4.py"),
+    ]:
+        shutil.copytree(byte_data, d)
+        tb = TrainBatches(str(d), 64, 256, 256)  # headers checked; 256 of the 982 windows reach both shards
+        damage(d)
+        with pytest.raises(DataError) as e:
+            tb.get(0, 0)
+        assert str(e.value) == message.format(d=d)
+
+
+def test_vocab_size_must_be_the_tokenizers(byte_data, tmp_path):
+    """A meta.json vocab_size below the largest token id (an IndexError in the embedding) or unlike the tokenizer's
+    (a silently larger model) is refused in one line by the loader, before any model is built."""
+    shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
+    meta, path = data.load_meta(byte_data), tmp_path / "meta.json"
+    assert meta["tokenizer_vocab_size"] == 257 and meta["splits"]["train"]["max_token_id"] == 256
+    for vocab, message in [
+        (200, f"{path}: vocab_size 200 is too small for the train shards' token id 256; set vocab_size back to 257 or "
+              "re-run prepare_c4.py"),
+        (256, f"{path}: vocab_size 256 is too small for the train shards' token id 256; set vocab_size back to 257 or "
+              "re-run prepare_c4.py"),
+        (300, f"{path}: vocab_size 300 is not the byte tokenizer's 257, so the model would be a different size; set "
+              "vocab_size back to 257 or re-run prepare_c4.py"),
+    ]:
+        data.write_meta(str(tmp_path), dict(meta, vocab_size=vocab))
+        for load in (lambda: TrainBatches(str(tmp_path), 16, 2, 2), lambda: val_batches(str(tmp_path), 16, 2, 32)):
+            with pytest.raises(DataError) as e:
+                load()
+            assert str(e.value) == message
+    data.write_meta(str(tmp_path), dict(meta, vocab_size="257"))
+    with pytest.raises(DataError, match=r"meta.json is corrupt \(TypeError: vocab_size, tokenizer_vocab_size and "
+                                        r"max_token_id must be integers\); re-run prepare_c4.py"):
+        data.load_meta(tmp_path)
+    data.write_meta(str(tmp_path), old_style_meta(byte_data))  # before these were recorded: the old checks only
+    assert TrainBatches(str(tmp_path), 16, 2, 2).vocab_size == 257
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(batch_size=4, total_batch_size=10, world_size=2),
      "total_batch_size 10 is not divisible by batch_size*world_size = 4*2; change total_batch_size or batch_size"),
@@ -385,3 +594,11 @@ def test_make_corpus_cli_writes_a_c4_layout_and_refuses_to_overwrite(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert p.returncode == 1 and p.stderr == f"error: {tmp_path / 'en'} exists already; give another --out_dir or remove it\n"
     assert (tmp_path / "en" / "c4-train.00000-of-01024.json.gz").read_bytes() == before
+
+
+def test_seq_len_beyond_the_val_data_asks_for_a_shorter_seq_len(byte_data):
+    """One window is needed: lowering eval_tokens cannot help, so the advice is seq_len or more data."""
+    with pytest.raises(DataError) as e:
+        val_batches(str(byte_data), 20000, 4, 1)
+    assert str(e.value) == (f"the val split of {byte_data} has 15655 tokens, fewer than one window of seq_len+1 = "
+                            "20001; prepare more data or lower seq_len")

@@ -380,6 +380,7 @@ def test_eval_bad_input_is_one_line(runs, byte_data, tmp_path):
     other = tmp_path / "gpt2_data"
     other.mkdir()
     meta = (byte_data / "meta.json").read_text().replace('"tokenizer": "byte"', '"tokenizer": "gpt2"')
+    meta = meta.replace('"tokenizer_vocab_size": 257', '"tokenizer_vocab_size": 50257')
     (other / "meta.json").write_text(meta.replace('"vocab_size": 257', '"vocab_size": 50257'))
     cases = {
         ("--data_dir", str(other)): f"error: {other} is tokenized with gpt2 (vocab 50257) but {ckpt} was trained on "
