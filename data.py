@@ -130,13 +130,24 @@ def load_meta(data_dir):
     return meta
 
 
+def raise_open_file_limit(want):
+    """Raise this process's soft open-file limit towards want, as far as the hard limit allows (no privilege
+    needed) -> the soft limit now. A default soft limit of 1024 is below what all of C4's shards would use."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
 class Windows:
     """The (seq_len+1)-token windows at stride seq_len of one split's token stream (DataError if it has none), its
     shards read end to end
     (a window may cross shard boundaries). Window i is stream[i*seq_len : i*seq_len + seq_len + 1]; only the
     last, partial window is unreachable. Reads with os.preadv, keeping at most a quarter of the open-file limit
-    (RLIMIT_NOFILE) of shards open, least recently used closed first: any number of shards fits the limit (a memmap
-    would hold a file descriptor per shard), and up to that many, no shard is opened twice."""
+    (RLIMIT_NOFILE, first raised to 4 per shard if the hard limit allows) of shards open, least recently used closed
+    first: any number of shards fits the limit (a memmap would hold a file descriptor per shard), and up to that
+    many, no shard is opened twice."""
 
     def __init__(self, data_dir, meta, split, seq_len):
         self.fds = collections.OrderedDict()  # shard index -> open file descriptor, least recently used first
@@ -156,7 +167,7 @@ class Windows:
         if self.count == 0:
             raise DataError(f"the {split} split of {data_dir} has {self.n_tokens} tokens, fewer than one window of "
                             f"seq_len+1 = {seq_len + 1}; prepare more data or lower seq_len")
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = raise_open_file_limit(4 * len(self.paths))
         self.max_open = len(self.paths) if soft == resource.RLIM_INFINITY else max(soft // 4, 1)
 
     def __del__(self):
