@@ -84,7 +84,7 @@ def load_config(argv):
                          f"got {cfg['momentum_roles']!r}")
     if cfg["fsdp"] and cfg["optimizer"] == "muon":
         raise ValueError("fsdp=True does not run optimizer=muon: torch.optim.Muon's Newton-Schulz iteration needs whole "
-                         "matrices and gets FSDP's row shards; use fsdp=False (DDP) for Muon")
+                         "matrices, and on FSDP's row shards its updates are wrong; use fsdp=False (DDP) for Muon")
     if cfg["resume"] and cfg["overwrite"]:
         raise ValueError("resume=True continues the run in out_dir and overwrite=True deletes it: set one of them")
     return SimpleNamespace(**cfg)
