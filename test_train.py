@@ -476,14 +476,18 @@ def memory_record(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["scale", "adamw"])
-def test_fsdp_two_processes_match_one(fsdp_run, byte_data, tmp_path, optimizer):
+@pytest.mark.parametrize("case,extra", [
+    ("scale", {}),
+    ("adamw", dict(optimizer="adamw", lr=3e-3, grad_clip=0.5)),  # clip_grad_norm_ on DTensor grads
+    # bf16 compute by FSDP's policy, on 2 ranks and on 1 (its numbers are not autocast's: the activations are bf16)
+    ("mixed", dict(dtype="mixed", fsdp=True)),
+])
+def test_fsdp_two_processes_match_one(fsdp_run, byte_data, tmp_path, case, extra):
     """FSDP on 2 ranks (2 micro-steps each) = 1 process (4 micro-steps): the same losses and weights to float
     tolerance; each rank holds about half the params, grads and optimizer state."""
-    extra = dict(optimizer="adamw", lr=3e-3, grad_clip=0.5) if optimizer == "adamw" else {}  # clip on DTensor grads
-    fsdp = fsdp_run if optimizer == "scale" else str(tmp_path / "fsdp")
-    if optimizer != "scale":
-        torchrun(tiny_args(byte_data, fsdp, fsdp=True, **FSDP_ARGS, **extra))
+    fsdp = fsdp_run if case == "scale" else str(tmp_path / "fsdp")
+    if case != "scale":
+        torchrun(tiny_args(byte_data, fsdp, **{**FSDP_ARGS, **extra, "fsdp": True}))
     one = str(tmp_path / "one")
     train.main(tiny_args(byte_data, one, **FSDP_ARGS, **extra))
     assert_same_run(fsdp, one, 1e-5)
