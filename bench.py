@@ -3,7 +3,7 @@
 python bench.py optimizer [--dtype float32 bfloat16] [--device cpu|cuda]   SCALE step vs fused AdamW, state bytes
 python bench.py model [--cuda]       training tokens/s of model.py vs transformers.LlamaForCausalLM; MFU on CUDA
 python bench.py data [--docs 40000]  prepare_c4.py tokens/s for 1 and 2 workers vs a plain loop; loader latency
-python bench.py fsdp [--config configs/llama_350m.py] [--key=value ...]   train.py on 1 GPU, FSDP vs not: tokens/s, memory
+python bench.py fsdp [--config configs/llama_350m.py] [--key=value ...]   train.py on 1 GPU with FSDP vs without
 """
 import argparse
 import gzip
@@ -236,7 +236,8 @@ def random_token_data(data_dir, vocab_size, n_tokens, seed=0):
     rng = np.random.default_rng(seed)
     splits = {}
     for split, n in (("train", n_tokens), ("val", n_tokens // 10)):
-        write_shard(os.path.join(data_dir, f"{split}_000000.bin"), rng.integers(0, vocab_size, n).astype(token_dtype(vocab_size)))
+        tokens = rng.integers(0, vocab_size, n).astype(token_dtype(vocab_size))
+        write_shard(os.path.join(data_dir, f"{split}_000000.bin"), tokens)
         splits[split] = dict(documents=1, shards=[f"{split}_000000.bin"], tokens=n)
     write_meta(data_dir, dict(dtype=str(token_dtype(vocab_size)), eot_id=vocab_size - 1, splits=splits,
                               tokenizer="random tokens", vocab_size=vocab_size))

@@ -49,8 +49,9 @@ class SCALE(torch.optim.Optimizer):
 
     Raises ValueError on lr or weight_decay < 0, momentum outside [0, 1), momentum_roles outside the 2-D roles, an
     unknown role, or a role other than "vector" with a tensor of fewer than 2 dims; step() raises ValueError on a
-    sparse or complex gradient, or a matrix or output DTensor sharded by columns (its row norms would span ranks). Warns (UserWarning) on params without roles, e.g. SCALE(model.parameters()): the
-    embedding and output layers get role "matrix", so no momentum and a row-normalized embedding, not SCALE.
+    sparse or complex gradient, or a matrix or output DTensor sharded by columns (its row norms would span ranks).
+    Warns (UserWarning) on params without roles, e.g. SCALE(model.parameters()): the embedding and output layers
+    get role "matrix", so no momentum and a row-normalized embedding, not SCALE.
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, adam_lr=None, adam_betas=(0.9, 0.999),

@@ -492,7 +492,8 @@ def test_fsdp_two_processes_match_one(fsdp_run, byte_data, tmp_path, case, extra
     train.main(tiny_args(byte_data, one, **FSDP_ARGS, **extra))
     assert_same_run(fsdp, one, 1e-5)
     start = start_record(read_log(fsdp))
-    assert (start["world_size"], start["config"]["fsdp"], start["param_bytes"]) == (2, True, 4 * tiny_model().num_params())
+    assert (start["world_size"], start["config"]["fsdp"]) == (2, True)
+    assert start["param_bytes"] == 4 * tiny_model().num_params()  # of the whole model
     sharded, whole = memory_record(fsdp), memory_record(one)
     for key in ("rank_param_bytes", "rank_grad_bytes", "rank_state_bytes"):
         # the most a rank holds: half, and a row more of the tensors of an odd number of rows (the 257-row vocab)

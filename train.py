@@ -179,8 +179,9 @@ def load_checkpoint(ckpt, path, model, optimizers):
             for group, hyper in zip(opt.param_groups, current):
                 group.update(hyper)
     except (RuntimeError, KeyError, ValueError) as e:
-        raise ValueError(f"{path} does not fit this model.py and train.py ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); resume with the code it was written by") from None
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ValueError(f"{path} does not fit this model.py and train.py ({why}); resume with the code it was "
+                         "written by") from None
     set_rng_states(ckpt["rng"])
 
 
@@ -340,15 +341,22 @@ def weights_finite(model, world_size, device):
     return bool(finite)
 
 
-def rank_memory(model, optimizers, grad_bytes, world_size, device):
-    """The most bytes of params, of grads (grad_bytes: this rank's, measured when they existed) and of optimizer
-    state that any rank holds: its local shards under FSDP, everything under DDP -> dict of ints."""
-    state = [t for opt in optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
-    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in local_shards(tensors))
-    held = torch.tensor([nbytes(model.parameters()), grad_bytes, nbytes(state)], device=device)
+def bytes_held(tensors, world_size, device):
+    """The most bytes of these tensors that any rank holds: of its local shards under FSDP, of all under DDP."""
+    held = torch.tensor(sum(t.numel() * t.element_size() for t in local_shards(tensors)), device=device)
     if world_size > 1:
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
-    return dict(zip(("rank_param_bytes", "rank_grad_bytes", "rank_state_bytes"), held.tolist()))
+    return held.item()
+
+
+def rank_memory(model, optimizers, world_size, device):
+    """The most bytes of params, of grads and of optimizer state that any rank holds (bytes_held), at the end of a
+    step, before zero_grad -> a dict of ints."""
+    state = [t for opt in optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return dict(rank_param_bytes=bytes_held(model.parameters(), world_size, device),
+                rank_grad_bytes=bytes_held(grads, world_size, device),
+                rank_state_bytes=bytes_held(state, world_size, device))
 
 
 def diverged(what, step, saved, ckpt_path):
@@ -466,9 +474,9 @@ def train(cfg):
             log(f"resume=True but there is no {ckpt_path} yet: starting from scratch")
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # of the whole model
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        held = rank_memory(model, [], 0, world_size, device)["rank_param_bytes"]
-        log(f"{model.num_params():,} parameters ({param_bytes / 2**20:,.1f} MiB"
-            + (f"; fsdp: {held / 2**20:,.1f} MiB on each rank" if cfg.fsdp else "") + f"), vocab {batches.vocab_size}, "
+        held = bytes_held(model.parameters(), world_size, device)
+        sharded = f"; fsdp: at most {held / 2**20:,.1f} MiB on a rank" if cfg.fsdp else ""
+        log(f"{model.num_params():,} parameters ({param_bytes / 2**20:,.1f} MiB{sharded}), vocab {batches.vocab_size}, "
             f"{device}; total_batch_size {cfg.total_batch_size} = grad_accum {batches.grad_accum} x batch_size "
             f"{cfg.batch_size} x world_size {world_size}", event="start", step=start_step, config=vars(cfg), params=model.num_params(),
             param_bytes=param_bytes, rank_param_bytes=held, world_size=world_size, device=device_name,
@@ -516,19 +524,18 @@ def train(cfg):
                     group["lr"] = group["initial_lr"] * lr_mult
             losses.append(train_step(train_model, batches, step, device, autocast, world_size,
                                      model if cfg.fsdp else None))
-            if step == start_step:
-                grad_bytes = sum(g.numel() * g.element_size() for g in local_shards(
-                    p.grad for p in model.parameters() if p.grad is not None))
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             for opt in optimizers:
                 opt.step()
+            if step == start_step:  # the optimizer state exists now, and the grads still do
+                memory = rank_memory(model, optimizers, world_size, device)
+            for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
 
             # log: wait for the device once per log line; tokens/s over the steps since the last one
-            if step == start_step:  # the optimizer state exists now
+            if step == start_step:
                 log(f"optimizer state: {state_bytes(optimizers):,} bytes (AdamW's: {2 * param_bytes:,})")
-                memory = rank_memory(model, optimizers, grad_bytes, world_size, device)
                 log(f"memory per rank (the most any of the {world_size} holds): params {memory['rank_param_bytes']:,}, "
                     f"grads {memory['rank_grad_bytes']:,}, optimizer state {memory['rank_state_bytes']:,} bytes",
                     event="memory", step=step + 1, **memory)
