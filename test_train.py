@@ -66,7 +66,7 @@ def torchrun(args, nproc=2):
     """train.py on nproc gloo processes; asserts it succeeds -> the CompletedProcess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
     p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, "\n".join(line for line in p.stderr.splitlines() if "Warning" not in line)[-8000:]
+    assert p.returncode == 0, p.stdout[-2000:] + "\n".join(l for l in p.stderr.splitlines() if "Warning" not in l)[-6000:]
     return p
 
 

@@ -16,6 +16,7 @@ none yet (so one command can be re-run after any crash). The batches are a funct
 resumed run sees the data an uninterrupted one would; on CPU in float32 it ends bit for bit the same.
 """
 import fcntl
+import gc
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -229,7 +230,7 @@ class Log:
             self.wandb.log({f"{event}/{k}": v for k, v in record.items() if k != "event"}, step=record["step"])
 
 
-def init_distributed(fsdp):
+def init_distributed(fsdp=False):
     """-> (rank, local_rank, world_size); a process group when launched by torchrun, or for FSDP (which needs one)
     a process group of this one process."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -297,7 +298,7 @@ def evaluate(model, cfg, rank, world_size, device, autocast, log):
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of token losses, tokens
     while True:
         batch = next(batches, None)
-        if cfg.fsdp:
+        if isinstance(model, FSDPModule):
             # every forward all-gathers the weights from all ranks, so all run as many: until none has a batch
             # left, a rank that has none runs an uncounted one of zeros (ranks differ by at most one batch)
             left = torch.tensor(batch is not None, dtype=torch.int32, device=device)
@@ -565,6 +566,9 @@ def main(argv):
         sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # one line, from rank 0
     finally:
         if dist.is_initialized():
+            # FSDP's modules hold the process group in reference cycles: free them first, while Python still runs (a
+            # process group left to interpreter shutdown can abort the process, SIGABRT, after a finished run)
+            gc.collect()
             dist.destroy_process_group()
 
 
