@@ -4,13 +4,16 @@ python bench.py optimizer [--dtype float32 bfloat16] [--device cpu|cuda]   SCALE
 python bench.py model [--cuda]       training tokens/s of model.py vs transformers.LlamaForCausalLM; on CUDA also
                                      MFU, peak memory and compile time at 60M, 350M and 1B (as gpu_check.py)
 python bench.py data [--docs 40000]  prepare_c4.py tokens/s for 1 and 2 workers vs a plain loop; loader latency
+python bench.py fsdp [--config configs/llama_350m.py] [--key=value ...]   train.py on 1 GPU with FSDP vs without
 """
 import argparse
 import gzip
 import json
 import os
 import pathlib
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,9 +23,11 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
+import numpy as np
+
 import prepare_c4
 from config import paper_config
-from data import TrainBatches
+from data import TrainBatches, token_dtype, write_meta, write_shard
 from make_corpus import make_c4_source
 from model import LLaMA, LLaMAConfig, peak_flops
 from scale import SCALE, scale_param_groups, state_bytes
@@ -305,6 +310,54 @@ def bench_data(args):
         print(f"loader batch B=8 T=1024: median {med * 1e6:.0f} us, max {worst * 1e6:.0f} us (200 batches)")
 
 
+# -----------------------------------------------------------------------------
+# fsdp: train.py on one GPU without and with FSDP (a process group of one, NCCL): what FSDP's code path costs
+
+def random_token_data(data_dir, vocab_size, n_tokens, seed=0):
+    """A data_dir of uniformly random tokens (train and val splits), for speed and memory measurements only."""
+    os.makedirs(data_dir)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (("train", n_tokens), ("val", n_tokens // 10)):
+        tokens = rng.integers(0, vocab_size, n).astype(token_dtype(vocab_size))
+        write_shard(os.path.join(data_dir, f"{split}_000000.bin"), tokens)
+        splits[split] = dict(documents=1, shards=[f"{split}_000000.bin"], tokens=n)
+    write_meta(data_dir, dict(dtype=str(token_dtype(vocab_size)), eot_id=vocab_size - 1, splits=splits,
+                              tokenizer="random tokens", vocab_size=vocab_size))
+
+
+def bench_fsdp(args, train_args):
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        random_token_data(data, 32000, 4_000_000)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no peak memory)"
+        print(f"{args.config} on {device}, vocab 32000 (random tokens), {args.steps} steps, "
+              f"{' '.join(train_args)}; the first log interval (compilation) aside")
+        rows = {}
+        for fsdp in (False, True, False, True):  # in turn, twice: drift hits both alike
+            out = os.path.join(tmp, f"run{len(rows)}")
+            cmd = [sys.executable, os.path.join(here, "train.py"), args.config, f"--fsdp={fsdp}", f"--data_dir={data}",
+                   f"--out_dir={out}", f"--max_steps={args.steps}", f"--log_every={args.log_every}",
+                   "--eval_every=1000000000", "--ckpt_every=1000000000", "--eval_tokens=65536",
+                   *train_args]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+            train = [r for r in records if r["event"] == "train"][1:]
+            (memory,) = [r for r in records if r["event"] == "memory"]
+            rows.setdefault(fsdp, []).append(dict(tokens_per_s=statistics.median(r["tokens_per_s"] for r in train),
+                                                  peak=max(r["peak_mem_bytes"] or 0 for r in train), **memory))
+            shutil.rmtree(out)
+        base = statistics.median(r["tokens_per_s"] for r in rows[False])
+        for fsdp, runs in rows.items():
+            tps = statistics.median(r["tokens_per_s"] for r in runs)
+            m = runs[-1]
+            peak = max(r["peak"] for r in runs)
+            print(f"{'FSDP (1 rank)' if fsdp else 'no FSDP      '}: {tps:>10,.0f} tokens/s ({tps / base:.2f}x), peak mem "
+                  f"{f'{peak / 2**30:.2f} GiB' if peak else 'n/a'}; held: params {m['rank_param_bytes'] / 2**30:.2f}, "
+                  f"grads {m['rank_grad_bytes'] / 2**30:.2f}, optimizer state {m['rank_state_bytes'] / 2**30:.2f} GiB")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -323,8 +376,17 @@ def main(argv=None):
     d.add_argument("--docs", type=int, default=40000, help="documents in the generated train file")
     d.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     d.add_argument("--tokenizer", default="auto")
-    args = p.parse_args(argv)
-    if args.what == "optimizer":
+    f = sub.add_parser("fsdp", help="train.py on 1 GPU without and with FSDP: tokens/s and peak memory; other "
+                                    "--key=value arguments go to train.py")
+    f.add_argument("--config", default="configs/llama_350m.py")
+    f.add_argument("--steps", type=int, default=30)
+    f.add_argument("--log_every", type=int, default=5)
+    args, train_args = p.parse_known_args(argv)
+    if train_args and args.what != "fsdp":
+        p.error(f"unrecognized arguments: {' '.join(train_args)}")
+    if args.what == "fsdp":
+        bench_fsdp(args, train_args)
+    elif args.what == "optimizer":
         bench_optimizer(args)
     elif args.what == "model" and args.cuda and not torch.cuda.is_available():
         sys.exit("error: --cuda needs a CUDA GPU and none is available")

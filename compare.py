@@ -4,6 +4,7 @@ Compare optimizers on one config, and print the paper's memory table.
     python compare.py configs/tiny.py --optimizers scale,adamw,muon --lr adamw=3e-3 -- --max_steps=200
     python compare.py configs/tiny.py --optimizers scale,adamw --seeds 0,1,2
     python compare.py --memory
+    python compare.py --memory --gpus 8 --dtype mixed
 
 Each optimizer runs `train.py` as its own process, in sequence, into out_dir/<optimizer> (with --seeds, one
 run per seed into out_dir/<optimizer>/seed<s>); then a markdown table (results.md) and, if matplotlib is
@@ -30,7 +31,8 @@ from scale import scale_param_groups
 
 
 # -----------------------------------------------------------------------------
-# memory: the paper's estimate, 2 bytes x (parameters + optimizer-state elements), decimal GB
+# memory: the paper's estimate, 2 bytes x (parameters + optimizer-state elements), decimal GB; and per GPU of a
+# run on several, DDP against FSDP
 
 def state_numel(model, optimizer):
     """Optimizer-state elements of each optimizer as train.py runs it (scalar step counters aside)."""
@@ -55,9 +57,13 @@ def meta_model(cfg, vocab_size):
         return LLaMA(LLaMAConfig.from_config(vars(cfg), vocab_size))
 
 
-def memory_gb(cfg, optimizer, vocab_size=32000):
+def memory_gb(cfg, optimizer, vocab_size=32000, bytes_per_element=2, grads=False, shards=1):
+    """Decimal GB of a run config's params and optimizer state (state_numel), and with grads=True its gradients,
+    at bytes_per_element each, over `shards` (FSDP on N GPUs holds 1/N on each; DDP and one GPU hold all: 1).
+    The defaults are the paper's estimate: 2 bytes x (params + state), no gradients."""
     model = meta_model(cfg, vocab_size)
-    return 2 * (model.num_params() + state_numel(model, optimizer)) / 1e9
+    n = model.num_params()
+    return bytes_per_element * (n + state_numel(model, optimizer) + (n if grads else 0)) / shards / 1e9
 
 
 # The paper's figures (GB). With a 32000 vocab (its models') we match all but AdamW at 130M and 1B, which come
@@ -77,6 +83,24 @@ def memory_table(vocab_size=32000, optimizers=("scale", "adamw", "muon", "sgd"))
             ours = f"{memory_gb(cfg, o, vocab_size):.2f}"
             cells.append(f"{ours} GB" + (f" (paper: {paper:.2f})" if paper and f"{paper:.2f}" != ours else ""))
         rows.append(f"| {name} | {n / 1e6:,.1f}M | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+BYTES_PER_ELEMENT = {"bfloat16": 2, "mixed": 4, "float32": 4}  # params, grads and state, by train.py's dtype
+
+
+def memory_per_gpu_table(gpus, dtype, vocab_size=32000, optimizers=("scale", "adamw")):
+    """Per-GPU GB of params + grads + optimizer state of each paper size on `gpus` GPUs, DDP (all on each) against
+    FSDP (1/gpus on each), from memory_gb. Activations, FSDP's all-gathered copy of the block in use and the
+    unsharded gradients FSDP holds between micro-steps (grad_accum > 1) are not counted."""
+    heads = [f"{o} {kind}" for o in optimizers for kind in ("DDP", "FSDP")]
+    rows = [f"| model ({dtype}, {gpus} GPUs) | params | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
+    for name in PAPER_CONFIGS:
+        cfg = paper_config(name)
+        gb = [memory_gb(cfg, o, vocab_size, BYTES_PER_ELEMENT[dtype], grads=True, shards=shards)
+              for o in optimizers for shards in (1, gpus)]
+        rows.append(f"| {name} | {meta_model(cfg, vocab_size).num_params() / 1e6:,.1f}M | "
+                    + " | ".join(f"{x:.2f} GB" for x in gb) + " |")
     return "\n".join(rows)
 
 
@@ -224,10 +248,16 @@ def main(argv=None):
     p.add_argument("--launcher", default=sys.executable, help='e.g. "torchrun --standalone --nproc_per_node=8"')
     p.add_argument("--memory", action="store_true", help="print the paper's memory table and exit")
     p.add_argument("--vocab_size", type=int, default=32000, help="vocabulary for --memory")
+    p.add_argument("--gpus", type=int, help="with --memory: per-GPU params + grads + state on this many GPUs, "
+                                            "DDP against FSDP")
+    p.add_argument("--dtype", default="bfloat16", choices=tuple(BYTES_PER_ELEMENT), help="train.py's dtype, for --gpus")
     args = p.parse_args(argv)
     args.train_args = train_args
     if args.memory:
-        print(memory_table(args.vocab_size))
+        if args.gpus is not None and args.gpus < 1:
+            raise ValueError(f"--gpus must be 1 or more, got {args.gpus}")
+        print(memory_table(args.vocab_size) if args.gpus is None else memory_per_gpu_table(args.gpus, args.dtype,
+                                                                                          args.vocab_size))
         return
     if not args.config:
         raise ValueError("give a config file (e.g. configs/tiny.py) or --memory")

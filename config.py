@@ -52,6 +52,8 @@ KEYS = {
     "dtype": ("bfloat16", ("float32", "bfloat16", "mixed"),
               "bfloat16: params, grads and optimizer state in bf16 (the paper); mixed: bf16 autocast, fp32 params"),
     "compile": (True, None, "torch.compile the model and the SCALE update"),
+    "fsdp": (False, None, "shard params, grads and optimizer state over the ranks (FSDP2) instead of DDP's full "
+                          "copy on each; not with optimizer=muon"),
     "seed": (0, "[0, 4294967295]", "seed of the initialization and the data order"),
     "resume": (False, None, "continue the run in out_dir from its checkpoint (start it if there is none yet)"),
     "overwrite": (False, None, "start over in an out_dir that holds another run, deleting its checkpoints and log"),
@@ -79,6 +81,9 @@ def load_config(argv):
     if not set(roles) <= set(MOMENTUM_ROLES) or "" in roles:
         raise ValueError(f"momentum_roles must be comma-separated roles from {','.join(MOMENTUM_ROLES)}, "
                          f"got {cfg['momentum_roles']!r}")
+    if cfg["fsdp"] and cfg["optimizer"] == "muon":
+        raise ValueError("fsdp=True does not run optimizer=muon: torch.optim.Muon's Newton-Schulz iteration needs whole "
+                         "matrices, and on FSDP's row shards its updates are wrong; use fsdp=False (DDP) for Muon")
     if cfg["resume"] and cfg["overwrite"]:
         raise ValueError("resume=True continues the run in out_dir and overwrite=True deletes it: set one of them")
     return SimpleNamespace(**cfg)

@@ -10,12 +10,16 @@ where rms(x, dim) = max(sqrt(mean(x^2 over dim)), 1e-8), tensors of more than 2 
 (out, in) layout, so the paper's "columns" are rows here. Ablations: momentum=0 is column-normalized SGD;
 momentum_roles=("matrix", "embedding", "output") puts momentum everywhere.
 compile=True runs each role's update as one torch.compile'd graph: the fast path. Eager is the same code, readable
-and slower (bench.py optimizer). Read on in order: SCALE, the two updates, the roles, and last the CPU speed tricks.
+and slower (bench.py optimizer). Sharded params (FSDP2's DTensors) are updated shard by shard, each rank its own rows
+(see "Sharded params"). Read on in order: SCALE, the two updates, the roles, sharded params, and last the CPU speed
+tricks.
 """
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 ROLES = ("matrix", "embedding", "output", "vector")
 NORM_DIM = {"matrix": 1, "embedding": 0, "output": 1}
@@ -28,7 +32,8 @@ class SCALE(torch.optim.Optimizer):
         or groups without one, which are split by ndim into "vector" (1-D) and "matrix" (2+ dims) with a warning.
         Dense real tensors of any float dtype (fp32, bf16); a group's tensors on one device. The state (momentum
         buffer, AdamW moments) has p's dtype and shape; the update runs in fp32, state included, and rounds into p
-        and each state tensor once.
+        and each state tensor once. DTensors sharded by rows (FSDP2's fully_shard) work too, with DTensor state of the
+        same sharding: each rank updates its own rows, and the result is the unsharded step's to float rounding.
     lr: the lr of the matrix, embedding and output roles (>= 0); a schedule changes group["lr"] between steps.
     momentum: beta of the momentum buffer, in [0, 1); 0 means no momentum anywhere (column-normalized SGD).
     weight_decay: decoupled weight decay wd (>= 0) of every role: p <- p * (1 - lr*wd) - lr * u.
@@ -44,8 +49,9 @@ class SCALE(torch.optim.Optimizer):
 
     Raises ValueError on lr or weight_decay < 0, momentum outside [0, 1), momentum_roles outside the 2-D roles, an
     unknown role, or a role other than "vector" with a tensor of fewer than 2 dims; step() raises ValueError on a
-    sparse or complex gradient. Warns (UserWarning) on params without roles, e.g. SCALE(model.parameters()): the
-    embedding and output layers get role "matrix", so no momentum and a row-normalized embedding, not SCALE.
+    sparse or complex gradient, or a matrix or output DTensor sharded by columns (its row norms would span ranks).
+    Warns (UserWarning) on params without roles, e.g. SCALE(model.parameters()): the embedding and output layers
+    get role "matrix", so no momentum and a row-normalized embedding, not SCALE.
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, adam_lr=None, adam_betas=(0.9, 0.999),
@@ -80,6 +86,9 @@ class SCALE(torch.optim.Optimizer):
             for p in params:
                 if p.grad.is_sparse or p.grad.is_complex():
                     raise ValueError("SCALE does not support sparse or complex gradients; use dense real params")
+                if NORM_DIM.get(group["role"]) == 1 and split_groups(p, dim=1):
+                    raise ValueError(f"SCALE normalizes the rows of role {group['role']!r}, so each rank needs whole "
+                                     f"rows; shard its params by dim 0 (fully_shard's default), got {p.placements}")
             if not params:
                 continue
             if group["role"] == "vector":
@@ -98,8 +107,19 @@ class SCALE(torch.optim.Optimizer):
             bufs = [self.state[p]["momentum_buffer"] for p in params]
         scalars = self._scalars(i, params[0].device, lr=lr, decay=1 - lr * group["weight_decay"],
                                 one_minus_beta=1 - beta)
-        in_blocks = lambda ts: [b for t in ts for b in blocks(t, dim)]  # CPU speed, see blocks
-        self._normalized_update(in_blocks(params), in_blocks(p.grad for p in params), in_blocks(bufs), dim, **scalars)
+        ps, gs, ms = local_shards(params), local_shards(p.grad for p in params), local_shards(bufs)
+        rmss = None
+        if dim == 0 and any(split_groups(p, dim) for p in params):
+            # the embedding sharded by rows (FSDP2): its column norms sum over every rank's rows, so each rank sums
+            # its own rows' squares and one all-reduce of a (1, D) vector per tensor adds up the ranks'; the
+            # momentum (if the embedding has any) comes first, since the norms are of the new m
+            if ms:
+                gs, ms = [ema_(m, g, scalars["one_minus_beta"]) for m, g in zip(ms, gs)], []
+            rmss = [sharded_column_rms(g, p) for g, p in zip(gs, params)]
+        ps, gs, ms, rmss = without_empty_shards(ps, gs, ms, rmss)
+        if ps:
+            in_blocks = lambda ts: [b for t in ts for b in blocks(t, dim)]  # CPU speed, see blocks; rmss: dim 0 only
+            self._normalized_update(in_blocks(ps), in_blocks(gs), in_blocks(ms), rmss, dim, **scalars)
 
     def _adamw_step(self, i, group, params):
         lr = group["adam_lr"] * group["lr"] / group["lr0"] if group["lr0"] else 0.0
@@ -117,8 +137,11 @@ class SCALE(torch.optim.Optimizer):
         # 1 - beta in float64, then fp32: 1 - fp32(0.999) would be 1.3e-5 off
         scalars = self._scalars(i, params[0].device, decay=1 - lr * group["weight_decay"], one_minus_beta1=1 - beta1,
                                 one_minus_beta2=1 - beta2, eps=eps)
-        self._adamw_update(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
-                           [self.state[p]["exp_avg_sq"] for p in params], step_sizes=step_sizes, **scalars)
+        ps, gs, ms, vs, step_sizes = without_empty_shards(
+            *(local_shards(ts) for ts in (params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+                                          [self.state[p]["exp_avg_sq"] for p in params])), step_sizes)
+        if ps:
+            self._adamw_update(ps, gs, ms, vs, step_sizes=step_sizes, **scalars)
 
     def _scalars(self, key, device, **values):
         """{name: a 0-D fp32 tensor on device holding values[name]}, made once under key and filled in place at
@@ -137,20 +160,21 @@ class SCALE(torch.optim.Optimizer):
 # -----------------------------------------------------------------------------
 # the two updates, each one torch.compile'd graph with compile=True
 
-def normalized_update_(params, grads, bufs, dim: int, lr, decay, one_minus_beta):
+def normalized_update_(params, grads, bufs, rmss, dim: int, lr, decay, one_minus_beta):
     """The matrix, embedding and output roles, in place: for each p, G (and momentum buffer m, when bufs is not
     empty: m <- beta*m + (1-beta)*G, and G is m from then on), p <- p * (1 - lr*wd) - lr * G / rms(G, dim).
 
     params, grads, bufs: lists of tensors of 2+ dims (viewed as (shape[0], -1)), of p's dtype; bufs is [] or one per
-    p. dim: 1 normalizes rows (matrix, output), 0 columns (embedding). lr, decay = 1 - lr*wd and one_minus_beta =
-    1 - beta: 0-D fp32 tensors. Computes in fp32 and rounds into p (and m) once. Returns the factors lr / rms(G),
-    (N, 1) or (1, D) fp32 each, for CPU speed (see "CPU speed" at the end of the file)."""
+    p. rmss: None, or for each p rms(G, dim) computed elsewhere, (1, D) fp32 (a shard's column norms, from all ranks'
+    rows: sharded_column_rms). dim: 1 normalizes rows (matrix, output), 0 columns (embedding). lr, decay = 1 - lr*wd
+    and one_minus_beta = 1 - beta: 0-D fp32 tensors. Computes in fp32 and rounds into p (and m) once. Returns the
+    factors lr / rms(G), (N, 1) or (1, D) fp32 each, for CPU speed (see "CPU speed" at the end of the file)."""
     if bufs:
         grads = [ema_(m, g, one_minus_beta) for m, g in zip(bufs, grads)]
     factors = []
-    for p, g in zip(params, grads):
+    for k, (p, g) in enumerate(zip(params, grads)):
         p, g = p.view(p.shape[0], -1), g.reshape(g.shape[0], -1).float()
-        factors.append(lr / rms(g, dim))
+        factors.append(lr / (rms(g, dim) if rmss is None else rmss[k]))
         # p*(1 - lr*wd) - G * lr / rms(G). fp32 p: p.float() is p, so this runs in place and eager mode makes no
         # temporaries; bf16 p: one fp32 copy, rounded once into p (the one write of p)
         p.copy_(p.float().mul_(decay).addcmul_(g, factors[-1], value=-1))
@@ -184,7 +208,12 @@ def rms(g, dim: int):
     """max(sqrt(mean(g^2 over dim)), 1e-8) of a 2-D fp32 g of shape (N, D), keepdim: (N, 1) for dim=1, (1, D) for 0."""
     if dim == 1:  # vector_norm: one pass and, in eager mode, no (N, D) temporary
         return (torch.linalg.vector_norm(g, dim=1, keepdim=True) / g.shape[1] ** 0.5).clamp_min(1e-8)
-    return (column_sum_of_squares(g) / g.shape[0]).sqrt().clamp_min(1e-8)
+    return rms_of_sum(column_sum_of_squares(g), g.shape[0])
+
+
+def rms_of_sum(sum_of_squares, n):
+    """max(sqrt(sum_of_squares / n), 1e-8): an rms from its sum of squares over n elements."""
+    return (sum_of_squares / n).sqrt().clamp_min(1e-8)
 
 
 # -----------------------------------------------------------------------------
@@ -237,6 +266,44 @@ def state_bytes(optimizers):
     """Bytes of the state tensors of any torch optimizers, scalar step counters aside: the memory SCALE saves."""
     return sum(t.numel() * t.element_size() for opt in optimizers for state in opt.state.values()
                for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
+
+
+# -----------------------------------------------------------------------------
+# sharded params: FSDP2 (fully_shard) makes each param a DTensor, of which each rank holds some rows (Shard(0); the
+# shards can be uneven, and empty on some ranks for a tensor of fewer rows than ranks). The update runs on each rank's
+# local rows. Row norms (matrix, output) and AdamW (vector) need nothing from other ranks; the embedding's column norms,
+# over the vocabulary, need every rank's rows (sharded_column_rms). The state is made by zeros_like(p), a DTensor of p's
+# sharding, so torch.distributed.checkpoint.state_dict gathers and shards it like the params.
+
+def local_shards(tensors):
+    """Each tensor's local shard (DTensor.to_local(), a view that in-place updates write through), or the tensor."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def without_empty_shards(params, *others):
+    """Parallel lists (params' local shards, then their grads, state, ... or None) without the positions where the
+    param's shard is empty: a tensor of fewer rows than ranks has no rows on some of them."""
+    keep = [k for k, p in enumerate(params) if p.numel()]
+    return [[ts[k] for k in keep] if ts else ts for ts in (params, *others)]
+
+
+def split_groups(p, dim: int):
+    """The process groups over which p's norm along dim (of p viewed as (shape[0], -1)) is split: for a DTensor, the
+    groups of its mesh dims that shard its rows (dim=0) or its columns (dim=1); [] for a plain tensor."""
+    if not isinstance(p, DTensor):
+        return []
+    return [p.device_mesh.get_group(i) for i, placement in enumerate(p.placements)
+            if placement.is_shard() and (placement.dim == 0) == (dim == 0)]
+
+
+def sharded_column_rms(g, p):
+    """rms(G, dim=0) of the whole of p, a DTensor sharded by rows, from this rank's rows g of G (a local shard of
+    p's shape but for its rows, any dtype, possibly 0 rows) -> (1, D) fp32: this rank's column sums of squares,
+    all-reduced over the groups that shard p's rows, over p's full row count."""
+    sum_of_squares = column_sum_of_squares(g.float().flatten(1))  # flatten, not view(N, -1): N may be 0
+    for group in split_groups(p, dim=0):
+        dist.all_reduce(sum_of_squares, group=group)
+    return rms_of_sum(sum_of_squares, p.shape[0])
 
 
 # -----------------------------------------------------------------------------

@@ -41,6 +41,23 @@ def test_state_elements_per_optimizer():
         compare.state_numel(model, "lion")
 
 
+def test_memory_per_gpu_ddp_against_fsdp(capsys):
+    # per GPU: DDP holds every param, grad and state element; FSDP an eighth of each on 8 GPUs
+    cfg = compare.paper_config("llama_7b")
+    model = compare.meta_model(cfg, 32000)
+    n, state = model.num_params(), compare.state_numel(model, "scale")
+    ddp = compare.memory_gb(cfg, "scale", bytes_per_element=4, grads=True)
+    assert ddp == pytest.approx(4 * (2 * n + state) / 1e9) and round(ddp, 2) == 54.43
+    assert compare.memory_gb(cfg, "scale", bytes_per_element=4, grads=True, shards=8) == pytest.approx(ddp / 8)
+    compare.main(["--memory", "--gpus", "8", "--dtype", "mixed"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| model (mixed, 8 GPUs) | params | scale DDP | scale FSDP | adamw DDP | adamw FSDP |"
+    assert lines[-1] == "| llama_7b | 6,738.4M | 54.43 GB | 6.80 GB | 107.81 GB | 13.48 GB |"
+    assert len(lines) == 2 + len(SIZES)
+    with pytest.raises(ValueError, match=r"^--gpus must be 1 or more, got 0$"):
+        compare.main(["--memory", "--gpus", "0"])
+
+
 TINY = dict(dim=32, n_layers=1, n_heads=2, ffn_dim=64, seq_len=32, total_batch_size=4, batch_size=4, max_steps=4,
             warmup_steps=1, eval_every=2, eval_tokens=1024, log_every=1)
 

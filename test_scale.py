@@ -1,5 +1,6 @@
 """Tests for scale.py against an independent float64 transcription of the paper's update rule."""
 import contextlib
+import gc
 import io
 import math
 import warnings
@@ -459,3 +460,81 @@ def test_cuda_step_makes_no_sync_and_no_host_to_device_copy(compile):
             opt.step()  # makes the state and the 0-D hyperparameter tensors (and compiles)
         else:
             assert host_to_device_copies(step_raising_on_sync) == []
+
+
+# -----------------------------------------------------------------------------
+# sharded params (FSDP2's fully_shard): 2 gloo processes on CPU
+
+class UnevenToy(nn.Module):
+    """Every role, with shards uneven over 2 ranks (7 rows: 4 + 3; 3: 2 + 1; 5: 3 + 2) and empty on rank 1 for the
+    tensors of 1 row (an embedding of one entry, a 1-row Linear and its 1-element bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 12)
+        self.small_emb = nn.Embedding(1, 4)
+        self.conv = nn.Conv1d(12, 3, 3)  # a (3, 12, 3) matrix, viewed as (3, 36)
+        self.one_row = nn.Linear(12, 1)
+        self.norm = nn.LayerNorm(5)
+        self.lm_head = nn.Linear(16, 7, bias=False)
+
+
+SHARDED_CASES = [dict(), dict(momentum=0.0), dict(momentum_roles=("matrix", "embedding", "output")),
+                 dict(dtype=torch.bfloat16, weight_decay=0.1)]
+
+
+def sharded_step_worker(rank, init_file, cases, compile):
+    """On each of 2 ranks: SCALE on a fully_shard'ed UnevenToy against SCALE on a plain copy, for each case (SCALE's
+    kwargs, and dtype), over SCHEDULE; asserts the gathered params and state match the plain ones at each step."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        for case in cases:
+            kwargs = dict(case)
+            dtype = kwargs.pop("dtype", torch.float32)
+            torch.manual_seed(0)
+            plain = UnevenToy().to(dtype)
+            sharded = UnevenToy().to(dtype)
+            sharded.load_state_dict(plain.state_dict())
+            fully_shard(sharded)
+            rows = tuple(p.to_local().shape[0] for p in (sharded.emb.weight, sharded.small_emb.weight))
+            assert rows == [(4, 1), (3, 0)][rank]
+            opts = [SCALE(scale_param_groups(m), lr=1e-2, compile=compile, **kwargs) for m in (plain, sharded)]
+            for step, (lr, wd) in enumerate(SCHEDULE):
+                random_grads(plain, step)  # the same on both ranks; each rank's sharded grad is its rows of it
+                for p, q in zip(plain.parameters(), sharded.parameters()):
+                    q.grad = distribute_tensor(p.grad, q.device_mesh, q.placements)
+                for opt in opts:
+                    for group in opt.param_groups:
+                        group["lr"], group["weight_decay"] = lr, wd
+                    opt.step()
+                for (name, p), q in zip(plain.named_parameters(), sharded.parameters()):
+                    # rows are updated alone, as unsharded: the same numbers, but for the embedding's column sums
+                    # (a sum of two ranks' sums) and compiled code's vectorization, a few fp32 ulps apart
+                    tol = dict(rtol=2 ** -7, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
+                    for a, b in zip([p, *opts[0].state[p].values()], [q, *opts[1].state[q].values()]):
+                        b = b.full_tensor() if torch.is_tensor(b) else b
+                        assert torch.is_tensor(a) or a == b, (case, step, name)
+                        if torch.is_tensor(a):
+                            assert b.dtype == a.dtype, (case, name)
+                            torch.testing.assert_close(b, a.detach(), **tol, msg=lambda m: f"{case} {step} {name}: {m}")
+            assert all(isinstance(t, DTensor) for s in opts[1].state.values() for t in s.values() if torch.is_tensor(t))
+        # a matrix sharded by columns would need its row norms from both ranks: refused in one line
+        p = nn.Parameter(distribute_tensor(torch.randn(4, 6), sharded.lm_head.weight.device_mesh, [Shard(1)]))
+        p.grad = distribute_tensor(torch.randn(4, 6), p.device_mesh, [Shard(1)])
+        with pytest.raises(ValueError) as e:
+            SCALE([{"params": [p], "role": "matrix"}]).step()
+        assert str(e.value) == ("SCALE normalizes the rows of role 'matrix', so each rank needs whole rows; shard its "
+                                "params by dim 0 (fully_shard's default), got (Shard(dim=1),)")
+    finally:
+        gc.collect()  # FSDP's reference cycles hold the process group (see train.main)
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_sharded_step_equals_unsharded_on_each_role(tmp_path, compile):
+    torch._dynamo.reset()
+    cases = SHARDED_CASES[:1] if compile else SHARDED_CASES  # compiled: one case (8 graphs to compile on each rank)
+    torch.multiprocessing.spawn(sharded_step_worker, args=(str(tmp_path / "pg"), cases, compile), nprocs=2)
+

@@ -4,14 +4,19 @@ Pretrain LLaMA on C4 with SCALE, AdamW, Muon or SGD. The same file runs one CPU 
     python train.py configs/tiny.py
     python train.py configs/llama_60m.py --optimizer=adamw --lr=1e-3
     torchrun --standalone --nproc_per_node=8 train.py configs/llama_1b.py
+    torchrun --standalone --nproc_per_node=8 train.py configs/llama_7b.py --fsdp=True --dtype=mixed
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT train.py ... --fsdp=True
 
 The config is config.py's DEFAULTS (the paper's shared recipe), then each config file, then each --key=value
 (python train.py --help lists every key).
-Checkpoints go to out_dir/ckpt.pt. resume=True continues from there, or starts from scratch if there is
+Many processes run DDP (a full copy of the model on each), or with fsdp=True FSDP2 (params, grads and optimizer
+state sharded over the ranks). Checkpoints go to out_dir/ckpt.pt, the same for any number of ranks, DDP or FSDP:
+a run may resume on other hardware. resume=True continues from there, or starts from scratch if there is
 none yet (so one command can be re-run after any crash). The batches are a function of (seed, step), so a
 resumed run sees the data an uninterrupted one would; on CPU in float32 it ends bit for bit the same.
 """
 import fcntl
+import gc
 import json
 import math
 import os
@@ -24,13 +29,17 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import DEFAULTS, help_text, load_config
 from data import TrainBatches, val_batches, write_atomic
 from model import SHAPE, LLaMA, LLaMAConfig, peak_flops
 from prepare_c4 import bundled_source, prepare_once
-from scale import SCALE, scale_param_groups, state_bytes
+from scale import SCALE, local_shards, scale_param_groups, state_bytes
 
 
 # -----------------------------------------------------------------------------
@@ -76,7 +85,9 @@ def lr_factor(step, warmup_steps, max_steps, min_lr_ratio):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: plain tensors and python values only, so they load with weights_only=True
+# checkpoints: plain tensors and python values only, so they load with weights_only=True. The weights and optimizer
+# states are full (unsharded) state dicts, keyed by parameter name (torch.distributed.checkpoint.state_dict's format):
+# the same file for 1 process, DDP and FSDP on any number of ranks. Under FSDP rank 0 gathers them in CPU memory.
 
 def rng_states():
     name, keys, *rest = np.random.get_state()
@@ -99,14 +110,18 @@ CKPT, PREV_CKPT, LOG = "ckpt.pt", "ckpt_prev.pt", "log.jsonl"  # in out_dir
 KEPT_ON_RESUME = SHAPE + ("optimizer", "momentum_roles", "dtype", "seq_len", "total_batch_size", "seed")
 
 
-def save_checkpoint(out_dir, model, optimizers, step, cfg, batches):
+def save_checkpoint(out_dir, model, optimizers, step, cfg, batches, master):
     """Write out_dir/ckpt.pt: everything a resume, sample.py or an export needs (weights, optimizer states, step,
-    config, the data's vocabulary and tokenizer, the RNG states). Atomic: the new file is complete before it
-    replaces ckpt.pt, and the checkpoint it replaces is kept as ckpt_prev.pt (so at most two, plus one being
-    written)."""
-    ckpt = dict(model=model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers], step=step,
-                config=vars(cfg), vocab_size=batches.vocab_size, tokenizer=batches.meta["tokenizer"],
-                eot_id=batches.meta["eot_id"], rng=rng_states())
+    config, the data's vocabulary and tokenizer, the RNG states). Every rank calls it (under FSDP the full state
+    is gathered from all), rank 0 (master) writes. Atomic: the new file is complete before it replaces ckpt.pt, and
+    the checkpoint it replaces is kept as ckpt_prev.pt (so at most two, plus one being written)."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # on rank 0's CPU, one tensor at a time
+    weights = get_model_state_dict(model, options=full)
+    states = [get_optimizer_state_dict(model, opt, options=full) for opt in optimizers]
+    if not master:
+        return
+    ckpt = dict(model=weights, optimizers=states, step=step, config=vars(cfg), vocab_size=batches.vocab_size,
+                tokenizer=batches.meta["tokenizer"], eot_id=batches.meta["eot_id"], rng=rng_states())
     path = os.path.join(out_dir, CKPT)
     write_atomic(path, lambda f: torch.save(ckpt, f), previous=os.path.join(out_dir, PREV_CKPT))
 
@@ -157,17 +172,21 @@ def check_resume(ckpt, path, cfg, vocab_size):
 
 def load_checkpoint(ckpt, path, model, optimizers):
     """Restore the weights, optimizer states and RNGs of a checkpoint, keeping each param group's
-    hyperparameters as the current config set them (load_state_dict would bring back the saved ones)."""
+    hyperparameters as the current config set them (load_state_dict would bring back the saved ones). Every rank
+    calls it with the full checkpoint; under FSDP each keeps its own shards."""
+    full = StateDictOptions(full_state_dict=True)
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{path} does not fit this model.py ({str(e).splitlines()[0]}); "
-                         "resume with the code it was written by") from None
-    for opt, state in zip(optimizers, ckpt["optimizers"]):
-        current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-        opt.load_state_dict(state)
-        for group, hyper in zip(opt.param_groups, current):
-            group.update(hyper)
+        set_model_state_dict(model, ckpt["model"], options=full)
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+            # strict=False: SCALE keeps no state for its matrix and embedding params
+            set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True, strict=False))
+            for group, hyper in zip(opt.param_groups, current):
+                group.update(hyper)
+    except (RuntimeError, KeyError, ValueError) as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ValueError(f"{path} does not fit this model.py and train.py ({why}); resume with the code it was "
+                         "written by") from None
     set_rng_states(ckpt["rng"])
 
 
@@ -215,29 +234,56 @@ class Log:
             self.wandb.log({f"{event}/{k}": v for k, v in record.items() if k != "event"}, step=record["step"])
 
 
-def init_distributed():
-    """-> (rank, local_rank, world_size); a process group only when launched by torchrun."""
+def init_distributed(fsdp=False):
+    """-> (rank, local_rank, world_size); a process group when launched by torchrun, or for FSDP (which needs one)
+    a process group of this one process."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ:
+        if fsdp:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         return 0, 0, 1
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend)
     return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
 
 
-def train_step(model, batches, step, device, autocast, distributed):
+def shard_model(model, cfg):
+    """FSDP2: fully_shard each block, then the root (the embedding, the final norm and lm_head), in place: each
+    param becomes a DTensor of which each rank holds about 1/world_size of the rows, all-gathered for each block's
+    forward and backward, its gradients reduce-scattered. dtype=mixed keeps fp32 params (and reduces gradients in
+    fp32) and computes in bf16 by FSDP's MixedPrecisionPolicy, instead of autocast; bfloat16 and float32 compute in
+    the params' dtypes."""
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.dtype == "mixed"
+              else MixedPrecisionPolicy())
+    weights = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    for module in [*model.layers, model]:
+        # FSDP all-gathers a group's params in one buffer of one dtype: the submodules of params of another dtype
+        # (fp32 norm gains among bf16 weights) are sharded as a group of their own (a DTensor is sharded already)
+        apart = [m for m in module.modules() if m is not module and any(
+            p.dtype != weights and not isinstance(p, DTensor) for p in m.parameters(recurse=False))]
+        if apart:
+            fully_shard(apart, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)
+
+
+def train_step(model, batches, step, device, autocast, world_size, fsdp_root=None):
     """Forward and backward over grad_accum micro-batches -> the step's mean loss over all ranks, a 0-D tensor
-    on device (reading it waits for the step to finish)."""
+    on device (reading it waits for the step to finish). fsdp_root: the FSDP-sharded model under model, if any."""
     loss_sum = torch.zeros((), device=device)
     for micro in range(batches.grad_accum):
         x, y = (to_device(t, device) for t in batches.get(step, micro))
-        # DDP all-reduces gradients during backward: only the last micro-step needs to
-        with model.no_sync() if distributed and micro < batches.grad_accum - 1 else nullcontext():
+        # DDP all-reduces and FSDP reduce-scatters gradients during backward: only the last micro-step needs to
+        # (FSDP then holds unsharded gradients between micro-steps, as DDP does)
+        last = micro == batches.grad_accum - 1
+        if fsdp_root is not None:
+            fsdp_root.set_requires_gradient_sync(last)  # reaches every block
+        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             with autocast:
                 _, loss = model(x, y)
             (loss / batches.grad_accum).backward()
         loss_sum += loss.detach()
-    if distributed:
+    if world_size > 1:
         dist.all_reduce(loss_sum)
     return loss_sum / (batches.grad_accum * batches.world_size)
 
@@ -253,11 +299,24 @@ def evaluate(model, cfg, rank, world_size, device, autocast, log, split="val"):
     seconds it took. The windows are split over ranks: the same tokens for any world size, but each batch's mean
     rounds in fp32, so the last digits depend on batch_size and world size. A long eval logs progress every 10 s."""
     t0 = last_report = time.time()
-    batches = val_batches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rank, world_size, split)
+    batches = iter(val_batches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rank, world_size, split))
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of token losses, tokens
-    for x, y in batches:
+    while True:
+        batch = next(batches, None)
+        if isinstance(model, FSDPModule):
+            # every forward all-gathers the weights from all ranks, so all run as many: until none has a batch
+            # left, a rank that has none runs an uncounted one of zeros (ranks differ by at most one batch)
+            left = torch.tensor(batch is not None, dtype=torch.int32, device=device)
+            dist.all_reduce(left, op=dist.ReduceOp.MAX)
+            if not left:
+                break
+        elif batch is None:
+            break
+        x, y = batch if batch is not None else (torch.zeros(1, cfg.seq_len, dtype=torch.long),) * 2
         with autocast:
             _, loss = model(to_device(x, device), to_device(y, device))
+        if batch is None:
+            continue
         total[0] += loss.double() * y.numel()
         total[1] += y.numel()
         if time.time() - last_report > 10:
@@ -295,6 +354,32 @@ def check_losses(losses, first_step, saved, ckpt_path):
     return values
 
 
+def weights_finite(model, world_size, device):
+    """Whether every weight is finite on every rank (under FSDP each rank checks its own shards)."""
+    finite = torch.tensor(all(torch.isfinite(p).all() for p in local_shards(model.parameters())), device=device)
+    if world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+def bytes_held(tensors, world_size, device):
+    """The most bytes of these tensors that any rank holds: of its local shards under FSDP, of all under DDP."""
+    held = torch.tensor(sum(t.numel() * t.element_size() for t in local_shards(tensors)), device=device)
+    if world_size > 1:
+        dist.all_reduce(held, op=dist.ReduceOp.MAX)
+    return held.item()
+
+
+def rank_memory(model, optimizers, world_size, device):
+    """The most bytes of params, of grads and of optimizer state that any rank holds (bytes_held), at the end of a
+    step, before zero_grad -> a dict of ints."""
+    state = [t for opt in optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return dict(rank_param_bytes=bytes_held(model.parameters(), world_size, device),
+                rank_grad_bytes=bytes_held(grads, world_size, device),
+                rank_state_bytes=bytes_held(state, world_size, device))
+
+
 def diverged(what, step, saved, ckpt_path):
     kept = "no checkpoint was written" if saved is None else f"{ckpt_path} (step {saved}) is the last good checkpoint"
     return FloatingPointError(f"{what} at step {step}: training diverged, stopped; {kept}. Lower lr or set grad_clip")
@@ -330,9 +415,9 @@ def claim_out_dir(cfg, master):
     if previous and not cfg.overwrite:
         raise ValueError(f"{cfg.out_dir} holds another run ({', '.join(previous)}); continue it with --resume=True, "
                          "delete it and start over with --overwrite=True, or use another --out_dir")
+    os.makedirs(cfg.out_dir, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()  # every rank has looked before rank 0 writes there (else a late rank sees this run's log)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     if not master:
         return nullcontext()
     lock = open(os.path.join(cfg.out_dir, ".lock"), "w")
@@ -365,12 +450,13 @@ def resume_message(path, step, changed, cfg):
 
 
 def train(cfg):
-    rank, local_rank, world_size = init_distributed()
+    rank, local_rank, world_size = init_distributed(cfg.fsdp)
     master = rank == 0
     if master:
         print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in vars(cfg).items()), flush=True)
     device = process_device(local_rank)
-    autocast = autocast_for(cfg.dtype, device)
+    # dtype=mixed: bf16 autocast over fp32 params, or under FSDP its MixedPrecisionPolicy (see shard_model)
+    autocast = autocast_for(cfg.dtype, device) if not cfg.fsdp else nullcontext()
     batches, model_cfg = check_inputs(cfg, rank, world_size)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -379,6 +465,8 @@ def train(cfg):
         model = LLaMA(model_cfg)
     if cfg.dtype == "bfloat16":
         model.to(torch.bfloat16)
+    if cfg.fsdp:
+        shard_model(model, cfg)  # before the optimizers, which then hold the sharded params
     optimizers = make_optimizers(model, cfg)
 
     with claim_out_dir(cfg, master):  # rank 0 holds out_dir/.lock until the run ends: no second run writes there
@@ -402,16 +490,18 @@ def train(cfg):
                 changed={k: list(v) for k, v in changed.items()})
         elif cfg.resume:
             log(f"resume=True but there is no {ckpt_path} yet: starting from scratch")
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # of the whole model
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        log(f"{model.num_params():,} parameters ({param_bytes / 2**20:,.1f} MiB), vocab {batches.vocab_size}, "
+        held = bytes_held(model.parameters(), world_size, device)
+        sharded = f"; fsdp: at most {held / 2**20:,.1f} MiB on a rank" if cfg.fsdp else ""
+        log(f"{model.num_params():,} parameters ({param_bytes / 2**20:,.1f} MiB{sharded}), vocab {batches.vocab_size}, "
             f"{device}; total_batch_size {cfg.total_batch_size} = grad_accum {batches.grad_accum} x batch_size "
             f"{cfg.batch_size} x world_size {world_size}", event="start", step=start_step, config=vars(cfg), params=model.num_params(),
-            param_bytes=param_bytes, world_size=world_size, device=device_name, torch=torch.__version__,
-            git_commit=git_commit())
+            param_bytes=param_bytes, rank_param_bytes=held, world_size=world_size, device=device_name,
+            torch=torch.__version__, git_commit=git_commit())
 
         train_model = torch.compile(model) if cfg.compile else model
-        if world_size > 1:
+        if world_size > 1 and not cfg.fsdp:
             train_model = DDP(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
         tokens_per_step = cfg.total_batch_size * cfg.seq_len
         flops_per_token = model.flops_per_token(cfg.seq_len)
@@ -436,10 +526,9 @@ def train(cfg):
                     eval_seconds=seconds)
             if saving:
                 check_losses(losses, logged_step, saved, ckpt_path)
-                if not all(torch.isfinite(p).all() for p in model.parameters()):  # a finite loss, inf gradients
+                if not weights_finite(model, world_size, device):  # a finite loss, inf gradients
                     raise diverged("the weights are not finite", step, saved, ckpt_path)
-                if master:
-                    save_checkpoint(cfg.out_dir, model, optimizers, step, cfg, batches)
+                save_checkpoint(cfg.out_dir, model, optimizers, step, cfg, batches, master)
                 saved = step
             if last_step:
                 break
@@ -451,16 +540,23 @@ def train(cfg):
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * lr_mult
-            losses.append(train_step(train_model, batches, step, device, autocast, world_size > 1))
+            losses.append(train_step(train_model, batches, step, device, autocast, world_size,
+                                     model if cfg.fsdp else None))
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             for opt in optimizers:
                 opt.step()
+            if step == start_step:  # the optimizer state exists now, and the grads still do
+                memory = rank_memory(model, optimizers, world_size, device)
+            for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
 
             # log: wait for the device once per log line; tokens/s over the steps since the last one
-            if step == start_step:  # the optimizer state exists now
+            if step == start_step:
                 log(f"optimizer state: {state_bytes(optimizers):,} bytes (AdamW's: {2 * param_bytes:,})")
+                log(f"memory per rank (the most any of the {world_size} holds): params {memory['rank_param_bytes']:,}, "
+                    f"grads {memory['rank_grad_bytes']:,}, optimizer state {memory['rank_state_bytes']:,} bytes",
+                    event="memory", step=step + 1, **memory)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
                 loss = check_losses(losses, logged_step, saved, ckpt_path)[-1]
                 train_seconds += time.time() - t0
@@ -487,6 +583,9 @@ def main(argv):
         sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # one line, from rank 0
     finally:
         if dist.is_initialized():
+            # FSDP's modules hold the process group in reference cycles: free them first, while Python still runs (a
+            # process group left to interpreter shutdown can abort the process, SIGABRT, after a finished run)
+            gc.collect()
             dist.destroy_process_group()
 
 
