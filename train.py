@@ -553,10 +553,10 @@ def train(cfg):
 
             # log: wait for the device once per log line; tokens/s over the steps since the last one
             if step == start_step:
-                log(f"optimizer state: {state_bytes(optimizers):,} bytes (AdamW's: {2 * param_bytes:,})")
-                log(f"memory per rank (the most any of the {world_size} holds): params {memory['rank_param_bytes']:,}, "
-                    f"grads {memory['rank_grad_bytes']:,}, optimizer state {memory['rank_state_bytes']:,} bytes",
-                    event="memory", step=step + 1, **memory)
+                who = "" if world_size == 1 else f" (the most any of the {world_size} ranks holds)"
+                log(f"memory{who}: params {memory['rank_param_bytes']:,}, grads {memory['rank_grad_bytes']:,}, "
+                    f"optimizer state {memory['rank_state_bytes']:,} bytes (AdamW's: "
+                    f"{2 * memory['rank_param_bytes']:,})", event="memory", step=step + 1, **memory)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
                 loss = check_losses(losses, logged_step, saved, ckpt_path)[-1]
                 train_seconds += time.time() - t0
