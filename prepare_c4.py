@@ -39,6 +39,9 @@ JSON = json.JSONDecoder(strict=False)  # allows raw control characters (a tab, a
 
 @functools.lru_cache
 def get_encoding(name):
+    """The tiktoken Encoding of a tokenizer name: "byte" (ids 0-255 the UTF-8 bytes, 256 <|endoftext|>), or one of
+    tiktoken's (e.g. gpt2), whose BPE files tiktoken downloads once into its cache. Raises DataError (one line) for
+    an unknown name, or a tiktoken encoding it cannot load (offline, no cache)."""
     if name == "byte":
         return tiktoken.Encoding("byte", pat_str=r"[\s\S]+", special_tokens={"<|endoftext|>": 256},
                                  mergeable_ranks={bytes([i]): i for i in range(256)})
@@ -48,7 +51,7 @@ def get_encoding(name):
         return tiktoken.get_encoding(name)
     except Exception as e:
         raise DataError(f"could not download tiktoken encoding {name!r} ({type(e).__name__}); run once with network "
-                        "access, point TIKTOKEN_CACHE_DIR at a dir holding it, or use --tokenizer byte") from None
+                        "access, or point TIKTOKEN_CACHE_DIR at a dir holding it (README: Offline data)") from None
 
 
 def c4_files(train_shards, val_shards):
@@ -187,7 +190,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.workers < 1 or args.shard_tokens < 1 or min(args.train_shards or 1, args.val_shards or 1) < 1:
         raise DataError("--workers, --shard_tokens, --train_shards and --val_shards must be positive")
-    enc = get_encoding(args.tokenizer)
+    try:
+        enc = get_encoding(args.tokenizer)
+    except DataError as e:
+        raise DataError(f"{e}; or prepare with --tokenizer byte, which needs no download") from None
     if args.data_dir:
         files = find_sources(args.data_dir, args.train_shards, args.val_shards)
         source = {"files": {s: [os.path.abspath(f) for f in fs] for s, fs in files.items()}}

@@ -312,8 +312,12 @@ def test_unknown_tokenizer_and_download_failure(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(DataError) as e:
         prepare_c4.get_encoding("gpt2")
-    assert str(e.value) == ("could not download tiktoken encoding 'gpt2' (ConnectionError); run once with network "
-                            "access, point TIKTOKEN_CACHE_DIR at a dir holding it, or use --tokenizer byte")
+    message = ("could not download tiktoken encoding 'gpt2' (ConnectionError); run once with network access, or point "
+               "TIKTOKEN_CACHE_DIR at a dir holding it (README: Offline data)")
+    assert str(e.value) == message
+    with pytest.raises(DataError) as e:  # prepare_c4.py also names the tokenizer that needs no download
+        prepare_c4.main(["--out_dir", "unused", "--tokenizer", "gpt2"])
+    assert str(e.value) == message + "; or prepare with --tokenizer byte, which needs no download"
 
 
 @pytest.mark.parametrize("args, message", [
