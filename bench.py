@@ -118,12 +118,9 @@ def loss_of(model):
 def build_hf(cfg):
     """transformers.LlamaForCausalLM (sdpa attention, no KV cache) of the same shape as LLaMA(cfg); ImportError
     without transformers."""
+    from export_hf import hf_config
     import transformers
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa"))
+    return transformers.LlamaForCausalLM(hf_config(cfg, use_cache=False, attn_implementation="sdpa"))
 
 
 def hf_loss_of(hf, vocab_size):
