@@ -511,29 +511,30 @@ def train(cfg):
         losses, logged_step, train_seconds, t0 = [], start_step, 0.0, time.time()  # the steps since the last log line
         for step in range(start_step, cfg.max_steps + 1):
             last_step = step == cfg.max_steps
-            # evaluate and checkpoint the weights after `step` optimizer steps (a resumed run's first step was
-            # evaluated and saved before it stopped); their time is not training time
+            # evaluate and checkpoint the weights after `step` optimizer steps (not again at a resumed run's first
+            # step: the run that saved it did); their time is not training time
             evaluating = (step % cfg.eval_every == 0 or last_step) and not (resumed and step == start_step)
             saving = step > start_step and (step % cfg.ckpt_every == 0 or last_step)
             if evaluating or saving:
                 sync()
                 train_seconds += time.time() - t0
-            if evaluating:
-                # the eager model: no recompiles for no_grad or the shorter last batch
-                val_loss, val_ppl, seconds = evaluate(model, cfg, rank, world_size, device, autocast, log)
-                log(f"step {step} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f} | eval {seconds:.1f} s",
-                    event="eval", step=step, tokens=step * tokens_per_step, val_loss=val_loss, val_ppl=val_ppl,
-                    eval_seconds=seconds)
-            if saving:
-                check_losses(losses, logged_step, saved, ckpt_path)
-                if not weights_finite(model, world_size, device):  # a finite loss, inf gradients
-                    raise diverged("the weights are not finite", step, saved, ckpt_path)
-                save_checkpoint(cfg.out_dir, model, optimizers, step, cfg, batches, master)
-                saved = step
+                if evaluating:
+                    # the eager model: no recompiles for no_grad or the shorter last batch
+                    val_loss, val_ppl, seconds = evaluate(model, cfg, rank, world_size, device, autocast, log)
+                    log(f"step {step} | val loss {val_loss:.4f} | val ppl {val_ppl:.2f} | eval {seconds:.1f} s",
+                        event="eval", step=step, tokens=step * tokens_per_step, val_loss=val_loss, val_ppl=val_ppl,
+                        eval_seconds=seconds)
+                if saving:
+                    # never replace the last good checkpoint with a diverged run; the losses can be finite while
+                    # the last update made the weights inf or nan
+                    check_losses(losses, logged_step, saved, ckpt_path)
+                    if not weights_finite(model, world_size, device):
+                        raise diverged("the weights are not finite", step, saved, ckpt_path)
+                    save_checkpoint(cfg.out_dir, model, optimizers, step, cfg, batches, master)
+                    saved = step
+                t0 = time.time()
             if last_step:
                 break
-            if evaluating or saving:
-                t0 = time.time()
 
             # one optimizer step, from `step` to step + 1; its loss stays on the device until the next log line
             lr_mult = lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
@@ -552,25 +553,26 @@ def train(cfg):
                 opt.zero_grad(set_to_none=True)
 
             # log: wait for the device once per log line; tokens/s over the steps since the last one
+            done = step + 1  # optimizer steps taken
             if step == start_step:
                 who = "" if world_size == 1 else f" (the most any of the {world_size} ranks holds)"
                 log(f"memory{who}: params {memory['rank_param_bytes']:,}, grads {memory['rank_grad_bytes']:,}, "
                     f"optimizer state {memory['rank_state_bytes']:,} bytes (AdamW's: "
-                    f"{2 * memory['rank_param_bytes']:,})", event="memory", step=step + 1, **memory)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+                    f"{2 * memory['rank_param_bytes']:,})", event="memory", step=done, **memory)
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
                 loss = check_losses(losses, logged_step, saved, ckpt_path)[-1]
                 train_seconds += time.time() - t0
-                tokens_per_s = (step + 1 - logged_step) * tokens_per_step / train_seconds
+                tokens_per_s = (done - logged_step) * tokens_per_step / train_seconds
                 mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
                 peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                 lr = optimizers[0].param_groups[0]["lr"]  # what the optimizer ran at (the schedule over initial_lr)
-                text = f"step {step + 1} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s"
+                text = f"step {done} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s"
                 text += f" | mfu {mfu:.1%}" if mfu else ""
                 text += f" | peak mem {peak_mem / 2**30:.2f} GiB" if peak_mem else ""
-                log(text, event="train", step=step + 1, tokens=(step + 1) * tokens_per_step, loss=loss,
+                log(text, event="train", step=done, tokens=done * tokens_per_step, loss=loss,
                     lr=lr, tokens_per_s=tokens_per_s, mfu=mfu, peak_mem_bytes=peak_mem,
                     opt_state_bytes=state_bytes(optimizers))
-                losses, logged_step, train_seconds, t0 = [], step + 1, 0.0, time.time()
+                losses, logged_step, train_seconds, t0 = [], done, 0.0, time.time()
 
 
 def main(argv):
