@@ -1,6 +1,7 @@
 """Benchmarks, each printing ratios against a peer measured in the same run.
 
-python bench.py optimizer [--dtype float32 bfloat16] [--device cpu|cuda]   SCALE step vs fused AdamW, state bytes
+python bench.py optimizer [--dtype float32 bfloat16] [--device cpu|cuda]   SCALE step vs fused AdamW, state bytes;
+                                     in bf16, stochastic rounding's step vs round to nearest
 python bench.py model [--cuda]       training tokens/s of model.py vs transformers.LlamaForCausalLM; on CUDA also
                                      MFU, peak memory and compile time at 60M, 350M and 1B (as gpu_check.py)
 python bench.py data [--docs 40000]  prepare_c4.py tokens/s for 1 and 2 workers vs a plain loop; loader latency
@@ -80,6 +81,9 @@ def bench_optimizer(args):
             p.grad = torch.randn_like(p)
         opts = {"AdamW(fused=True)": torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
                 "SCALE compiled": SCALE(scale_param_groups(model), lr=1e-3, compile=True)}
+        if dtype == "bfloat16":  # stochastic rounding of the bf16 writes (train.py's bf16=stochastic)
+            opts["SCALE compiled SR"] = SCALE(scale_param_groups(model), lr=1e-3, compile=True,
+                                              bf16_rounding="stochastic")
         times = time_in_turn({name: optimizer_step(opt, args.warmup) for name, opt in opts.items()}, args.warmup,
                              args.steps, sync)
         ratios = {name: t / times["AdamW(fused=True)"] for name, t in times.items()}
@@ -93,6 +97,9 @@ def bench_optimizer(args):
             nbytes = state_bytes([opt])
             print(f"  {name:18s} step {1e3 * times[name]:8.2f} ms = {ratios[name]:5.2f}x AdamW   "
                   f"state {nbytes / 1e6:7.1f} MB = {nbytes / base_bytes:6.1%} of AdamW")
+        if "SCALE compiled SR" in times:
+            print(f"  stochastic rounding: {times['SCALE compiled SR'] / times['SCALE compiled']:.3f}x the compiled "
+                  "step with round to nearest (stepped in turn)")
         del model, opts
 
 

@@ -205,6 +205,8 @@ def test_stochastic_rounding_depends_on_seed_not_on_blocks(monkeypatch):
         {"exp_avg", "exp_avg_sq", "step"}, {"exp_avg", "exp_avg_sq", "step"}, {"momentum_buffer", "step"}]
     blocked, _ = sr_run(block_bytes=128, monkeypatch=monkeypatch)  # lm_head and conv in blocks of rows
     assert all(torch.equal(a, b) for a, b in zip(base.parameters(), blocked.parameters()))
+    again, _ = sr_run()  # what DDP's ranks do: the same values and steps round alike, with no RNG state
+    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), again.parameters()))
     other, _ = sr_run(seed=1)
     assert not torch.equal(base.lm_head.weight, other.lm_head.weight)
     nearest = Toy().to(torch.bfloat16)  # and nearest rounding keeps no step count for them
