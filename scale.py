@@ -54,7 +54,7 @@ class SCALE(torch.optim.Optimizer):
         state[p]["step"], in state_dict), and DDP ranks, stepping the same values, stay identical.
 
     The changing hyperparameters reach the updates as named 0-D fp32 tensors on the params' device (stochastic
-    rounding's keys as 0-D int64 ones), made at the first step and filled in place from the param groups (and
+    rounding's keys as 0-D int32 ones), made at the first step and filled in place from the param groups (and
     each param's step) at each step, and so not in state_dict: a compiled step does not recompile when lr changes,
     and a GPU step makes no host-to-device copy and no sync.
 
@@ -88,7 +88,7 @@ class SCALE(torch.optim.Optimizer):
                 raise ValueError(f"role {group['role']!r} needs tensors of 2+ dims; give 1-D params role 'vector'")
         self._normalized_update = torch.compile(normalized_update_, dynamic=False) if compile else normalized_update_
         self._adamw_update = torch.compile(adamw_update_, dynamic=False) if compile else adamw_update_
-        self._scalar_tensors = {}  # {(key, device): {name: 0-D fp32 or int64 tensor}}, see _scalars
+        self._scalar_tensors = {}  # {(key, device): {name: 0-D fp32 or int32 tensor}}, see _scalars
         self._index = {id(p): k for k, p in enumerate(p for group in self.param_groups for p in group["params"])}
 
     @torch.no_grad()
@@ -141,7 +141,7 @@ class SCALE(torch.optim.Optimizer):
 
     def _rounding_keys(self, i, group, params, dim):
         """For bf16_rounding="stochastic": per param, per block of its local shard (blocks), the key of its random
-        bits (a 0-D int64 tensor, or None for a param that is not bf16), counting each bf16 param's step in
+        bits (a 0-D int32 tensor, or None for a param that is not bf16), counting each bf16 param's step in
         state[p]["step"]; [] for "nearest". The key is the hash of (seed, step, p's index) plus the flat index in p
         of the block's first element, so an element's bits are the same however p is blocked, and, sharded by
         rows, as unsharded."""
@@ -155,12 +155,14 @@ class SCALE(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             state["step"] = state.get("step", 0) + 1
+            if local.numel() > KEY_MASK + 1:
+                raise ValueError(f"bf16_rounding='stochastic' handles tensors of up to 2^30 elements, got {p.shape}")
             key = hash32(group["seed"] ^ hash32(state["step"] ^ hash32(self._index[id(p)])))
             offset, keys_of_p = shard_offset(p), {}
             for k, block in enumerate(blocks(local, dim)):
-                keys_of_p[f"key{k}"] = (key + offset) & MASK
+                keys_of_p[f"key{k}"] = (key + offset) & KEY_MASK
                 offset += block.numel()
-            keys.append(list(self._scalars((i, id(p)), p.device, torch.int64, **keys_of_p).values()))
+            keys.append(list(self._scalars((i, id(p)), p.device, torch.int32, **keys_of_p).values()))
         return keys
 
     def _adamw_step(self, i, group, params):
@@ -186,7 +188,7 @@ class SCALE(torch.optim.Optimizer):
             self._adamw_update(ps, gs, ms, vs, step_sizes=step_sizes, **scalars)
 
     def _scalars(self, key, device, dtype=torch.float32, **values):
-        """{name: a 0-D tensor of dtype (fp32, or int64 for rounding keys) on device holding values[name]}, made once
+        """{name: a 0-D tensor of dtype (fp32, or int32 for rounding keys) on device holding values[name]}, made once
         under (key, device, name) and filled in place at every call after: a fill from a Python number is one kernel
         launch (no host-to-device copy, no sync), and a compiled update sees the same inputs at every step. Each
         tensor is filled before each use, so a key needs only to be unique among a step's groups (group index) and
@@ -210,7 +212,7 @@ def normalized_update_(params, grads, bufs, rmss, keys, dim: int, lr, decay, one
     p. rmss: None, or for each p rms(G, dim) computed elsewhere, (1, D) fp32 (a shard's column norms, from all ranks'
     rows: sharded_column_rms). dim: 1 normalizes rows (matrix, output), 0 columns (embedding). lr, decay = 1 - lr*wd
     and one_minus_beta = 1 - beta: 0-D fp32 tensors. keys: [] (round to nearest), or for each p None (nearest) or
-    the 0-D int64 key of its stochastic rounding (round_stochastic; p bf16). Computes in fp32 and rounds into p (and m)
+    the 0-D int32 key of its stochastic rounding (round_stochastic; p bf16). Computes in fp32 and rounds into p (and m)
     once. Returns the factors lr / rms(G), (N, 1) or (1, D) fp32 each, for CPU speed (see "CPU speed" at the end of
     the file)."""
     if bufs:
@@ -270,12 +272,12 @@ def rms_of_sum(sum_of_squares, n):
 # kernel with no memory traffic of its own (the element index is an arange inductor fuses).
 
 MASK = 2 ** 32 - 1
+KEY_MASK = 2 ** 30 - 1  # keys and element indices stay below 2^30, so key + index fits an int32
 
 
 def hash32(x):
-    """A 32-bit integer hash (Wellons' hash prospector, two xorshift-multiply rounds), a bijection on [0, 2^32): of a
-    Python int, or elementwise of an int64 tensor; x is taken mod 2^32 first. In int64, with multipliers < 2^31:
-    no product overflows."""
+    """A 32-bit integer hash of a Python int (Wellons' hash prospector, two xorshift-multiply rounds), a bijection
+    on [0, 2^32); x is taken mod 2^32 first. It mixes (seed, step, param index) into each step's key, on the host."""
     x = x & MASK
     x = x ^ (x >> 16)
     x = (x * 0x21F0AAAD) & MASK
@@ -284,15 +286,28 @@ def hash32(x):
     return x ^ (x >> 15)
 
 
+def hash16(x):
+    """16 random bits of each x in [0, 2^31), elementwise on an int32 tensor (or a Python int): the high half folded
+    into the low one, then three xorshift-multiply rounds mod 2^16 with odd multipliers below 2^15 (each a
+    bijection), so no product reaches 2^31 and nothing overflows int32; consecutive x spread evenly over [0, 2^16)."""
+    h = (x & 0xFFFF) ^ (((x >> 16) * 0x2C1B) & 0xFFFF)
+    h = (h * 0x6D2B) & 0xFFFF
+    h = h ^ (h >> 8)
+    h = (h * 0x4F1B) & 0xFFFF
+    h = h ^ (h >> 7)
+    h = (h * 0x3A6D) & 0xFFFF
+    return h ^ (h >> 8)
+
+
 def round_stochastic(x, key):
-    """fp32 x -> bf16, rounded stochastically and unbiased: 16 random bits r per element (the top 16 bits of
-    hash32(key + the element's flat index), key a 0-D int64 tensor) are added to x's bit pattern, whose low 16 bits
-    are then cut: x rounds up in magnitude with probability (its low 16 bits) / 2^16. A bf16 value (low 16 bits
-    zero) is returned unchanged, and the cut value converts to bf16 exactly. inf stays inf; a NaN may become inf
-    (weights_finite in train.py stops at either)."""
-    bits = hash32(torch.arange(x.numel(), device=x.device).view(x.shape) + key) >> 16
-    rounded = (x.view(torch.int32).to(torch.int64) + bits) & -2 ** 16  # int64: no overflow
-    return rounded.to(torch.int32).view(torch.float32).to(torch.bfloat16)
+    """fp32 x -> bf16, rounded stochastically and unbiased: 16 random bits r per element (hash16 of key + the
+    element's flat index, key a 0-D int32 tensor in [0, 2^30), x of at most 2^30 elements) are added to x's bit
+    pattern, whose low 16 bits are then cut: x rounds up in magnitude with probability (its low 16 bits) / 2^16.
+    A bf16 value (low 16 bits zero) is returned unchanged, and the cut value converts to bf16 exactly. In int32:
+    the largest finite pattern plus r stays below 2^31 (and a negative one above -2^31). inf stays inf, and a NaN
+    as arithmetic makes it (0x7FC00000, or with the sign bit) stays NaN."""
+    bits = hash16(torch.arange(x.numel(), device=x.device, dtype=torch.int32).view(x.shape) + key)
+    return ((x.view(torch.int32) + bits) & -2 ** 16).view(torch.float32).to(torch.bfloat16)
 
 
 def shard_offset(p):
