@@ -1,6 +1,7 @@
 """Benchmarks, each printing ratios against a peer measured in the same run.
 
-python bench.py optimizer [--dtype float32 bfloat16] [--device cpu|cuda]   SCALE step vs fused AdamW, state bytes
+python bench.py optimizer [--dtype float32 bfloat16] [--device cpu|cuda]   SCALE step vs fused AdamW, state bytes;
+                                     in bf16, stochastic rounding's step vs round to nearest
 python bench.py model [--cuda]       training tokens/s of model.py vs transformers.LlamaForCausalLM; on CUDA also
                                      MFU, peak memory and compile time at 60M, 350M and 1B (as gpu_check.py)
 python bench.py data [--docs 40000]  prepare_c4.py tokens/s for 1 and 2 workers vs a plain loop; loader latency
@@ -31,6 +32,7 @@ from data import TrainBatches, token_dtype, write_meta, write_shard
 from make_corpus import make_c4_source
 from model import LLaMA, LLaMAConfig, peak_flops
 from scale import SCALE, scale_param_groups, state_bytes
+from train import set_param_dtypes
 
 
 def paper_model(name, vocab_size=32000):
@@ -80,6 +82,9 @@ def bench_optimizer(args):
             p.grad = torch.randn_like(p)
         opts = {"AdamW(fused=True)": torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
                 "SCALE compiled": SCALE(scale_param_groups(model), lr=1e-3, compile=True)}
+        if dtype == "bfloat16":  # stochastic rounding of the bf16 writes (train.py's bf16=stochastic)
+            opts["SCALE compiled SR"] = SCALE(scale_param_groups(model), lr=1e-3, compile=True,
+                                              bf16_rounding="stochastic")
         times = time_in_turn({name: optimizer_step(opt, args.warmup) for name, opt in opts.items()}, args.warmup,
                              args.steps, sync)
         ratios = {name: t / times["AdamW(fused=True)"] for name, t in times.items()}
@@ -93,6 +98,9 @@ def bench_optimizer(args):
             nbytes = state_bytes([opt])
             print(f"  {name:18s} step {1e3 * times[name]:8.2f} ms = {ratios[name]:5.2f}x AdamW   "
                   f"state {nbytes / 1e6:7.1f} MB = {nbytes / base_bytes:6.1%} of AdamW")
+        if "SCALE compiled SR" in times:
+            print(f"  stochastic rounding: {times['SCALE compiled SR'] / times['SCALE compiled']:.3f}x the compiled "
+                  "step with round to nearest (stepped in turn)")
         del model, opts
 
 
@@ -187,12 +195,11 @@ def measure_training(cfg, batch_size, device, peer=True, compile=True, warmup=2,
         peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
         steps_of[name], rows[name] = step, dict(batch_size=batch_size, peak_bytes=peak, first_step_s=first)
 
-    def ours():
+    def ours():  # as train.py runs its default dtype=bfloat16, bf16=stochastic
         with device:
-            model = LLaMA(cfg)
-        model.to(torch.bfloat16)
+            model = set_param_dtypes(LLaMA(cfg), "bfloat16", "stochastic")
         fwd = torch.compile(model, fullgraph=True) if compile else model
-        return loss_of(fwd), SCALE(scale_param_groups(model), lr=1e-3, compile=compile)
+        return loss_of(fwd), SCALE(scale_param_groups(model), lr=1e-3, compile=compile, bf16_rounding="stochastic")
 
     def hf():
         with device:

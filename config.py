@@ -50,7 +50,12 @@ KEYS = {
     "wandb_project": ("", None, "also log to this wandb project; empty = no wandb"),
     # system
     "dtype": ("bfloat16", ("float32", "bfloat16", "mixed"),
-              "bfloat16: params, grads and optimizer state in bf16 (the paper); mixed: bf16 autocast, fp32 params"),
+              "bfloat16: params, grads and optimizer state in bf16 (the paper; see bf16); mixed: bf16 autocast, fp32 "
+              "params"),
+    "bf16": ("stochastic", ("stochastic", "fp32_vectors", "paper"),
+             "read only with dtype=bfloat16: paper = every param and its state bf16, rounded to nearest (the paper's "
+             "pure bf16); fp32_vectors = 1-D params (norm gains) and their state fp32; stochastic = fp32_vectors, "
+             "and SCALE's bf16 weight writes rounded stochastically (unbiased: updates below bf16's spacing count)"),
     "compile": (True, None, "torch.compile the model and the SCALE update"),
     "fsdp": (False, None, "shard params, grads and optimizer state over the ranks (FSDP2) instead of DDP's full "
                           "copy on each; not with optimizer=muon"),

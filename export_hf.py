@@ -53,11 +53,14 @@ def hf_config(cfg, eot_id=None, **kwargs):
 
 
 def hf_model(model, eot_id=None):
-    """Our LLaMA -> a transformers.LlamaForCausalLM holding its weights (the same tensors, not copies) in their dtype."""
+    """Our LLaMA -> a transformers.LlamaForCausalLM holding its weights (the same tensors, not copies) in the dtype
+    of its embedding: the fp32 norm gains of a bf16 run are cast to bf16 (copies), as our RMSNorm casts them at use,
+    so HF (which would multiply in fp32) computes our numbers, in one dtype."""
     transformers = import_transformers()
     with torch.device("meta"):  # no random init: the weights are assigned below
         hf = transformers.LlamaForCausalLM(hf_config(model.config, eot_id))
-    hf.load_state_dict({hf_name(k): v for k, v in model.state_dict().items()}, strict=True, assign=True)
+    dtype = model.tok_embeddings.weight.dtype
+    hf.load_state_dict({hf_name(k): v.to(dtype) for k, v in model.state_dict().items()}, strict=True, assign=True)
     return hf.eval()
 
 

@@ -71,7 +71,7 @@ def model_config(name):
 
 
 def measure_memory(name, optimizer, device):
-    """One training step (eager, bf16 params) with optimizer as train.py makes it: the bytes of the params, grads and
+    """One training step (eager, the run config's dtypes: bf16 by default) with optimizer as train.py makes it: the bytes of the params, grads and
     optimizer state (allocator deltas on CUDA, tensor sizes elsewhere), the step's peak (CUDA only), and the estimate
     of params + state in GB by compare.memory_gb (compare.py --memory)."""
     device, cuda = torch.device(device), device == "cuda"
@@ -82,8 +82,7 @@ def measure_memory(name, optimizer, device):
     x, y = (torch.randint(0, vocab_size(name), (batch, cfg.seq_len), device=device) for _ in range(2))
     base = allocated() if cuda else 0
     with device:
-        model = LLaMA(model_config(name))
-    model.to(torch.bfloat16)
+        model = train.set_param_dtypes(LLaMA(model_config(name)), cfg.dtype, cfg.bf16)  # bf16, fp32 gains by default
     params = allocated() - base if cuda else sum(p.numel() * p.element_size() for p in model.parameters())
     optimizers = train.make_optimizers(model, cfg)
     if cuda:
@@ -102,7 +101,8 @@ def measure_memory(name, optimizer, device):
 def measure_optimizer(name, dtype, device, tiny):
     """Fused AdamW's step and the compiled SCALE step (eager with tiny) on the params of a size in dtype, random
     grads, stepped in turn (bench.time_in_turn, bench.optimizer_step: lr changes every step, a recompile after warmup
-    is an error) -> dict(adamw_ms, scale_ms, first_scale_step_s)."""
+    is an error); in bf16 also SCALE with stochastic rounding (train.py's default bf16=stochastic) -> dict(adamw_ms,
+    scale_ms, sr_ms (None in fp32), first_scale_step_s)."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     warmup, steps = (1, 2) if tiny else (3, 20)
@@ -120,9 +120,13 @@ def measure_optimizer(name, dtype, device, tiny):
     bench.optimizer_step(scale, warmup)(0)  # compiles
     sync()
     first = time.perf_counter() - t0
-    times = bench.time_in_turn({"adamw": bench.optimizer_step(adamw, warmup),
-                                "scale": bench.optimizer_step(scale, warmup)}, warmup, steps, sync)
-    return dict(adamw_ms=1e3 * times["adamw"], scale_ms=1e3 * times["scale"], first_scale_step_s=first)
+    steppers = {"adamw": bench.optimizer_step(adamw, warmup), "scale": bench.optimizer_step(scale, warmup)}
+    if dtype == "bfloat16":
+        sr = SCALE(scale_param_groups(model), lr=1e-3, compile=not tiny, bf16_rounding="stochastic")
+        steppers["sr"] = bench.optimizer_step(sr, warmup)
+    times = bench.time_in_turn(steppers, warmup, steps, sync)
+    return dict(adamw_ms=1e3 * times["adamw"], scale_ms=1e3 * times["scale"],
+                sr_ms=1e3 * times["sr"] if "sr" in times else None, first_scale_step_s=first)
 
 
 def measure_model(name, batch, peer, args):
@@ -333,15 +337,16 @@ def model_section(rows):
 
 def optimizer_section(rows):
     lines = ["## Optimizer step: compiled SCALE against fused AdamW, median of steps in turn", "",
-             "| shape | params | AdamW step | SCALE step | SCALE / AdamW | SCALE's first step (compile) |",
-             "|---|---|---|---|---|---|"]
+             "| shape | params | AdamW step | SCALE step | SCALE / AdamW | SCALE's first step (compile) "
+             "| with stochastic rounding (bf16) |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         if status(row):
-            lines.append(f"| {row['size']} | {row['dtype']} | {cell(status(row))} | | | |")
+            lines.append(f"| {row['size']} | {row['dtype']} | {cell(status(row))} | | | | |")
             continue
         r = row["result"]
+        sr = f"{r['sr_ms']:.2f} ms ({r['sr_ms'] / r['scale_ms']:.2f}x nearest)" if r["sr_ms"] is not None else ""
         lines.append(f"| {row['size']} | {row['dtype']} | {r['adamw_ms']:.2f} ms | {r['scale_ms']:.2f} ms | "
-                     f"{r['scale_ms'] / r['adamw_ms']:.2f}x | {r['first_scale_step_s']:.1f} s |")
+                     f"{r['scale_ms'] / r['adamw_ms']:.2f}x | {r['first_scale_step_s']:.1f} s | {sr} |")
     return lines
 
 

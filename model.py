@@ -65,10 +65,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalize in fp32 (as HF LlamaRMSNorm), cast back, then scale by the gain
+        # normalize in fp32 (as HF LlamaRMSNorm), cast back, then scale by the gain in x's dtype: an fp32 gain
+        # (train.py's bf16 runs keep 1-D params fp32) does not promote bf16 activations to fp32
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight.to(x.dtype) * x32.to(x.dtype)
 
 
 def rope_cos_sin(head_dim, max_seq_len, theta):

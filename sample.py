@@ -19,7 +19,7 @@ import torch
 
 from model import LLaMA, LLaMAConfig
 from prepare_c4 import get_encoding
-from train import CKPT, latest_checkpoint, read_checkpoint
+from train import CKPT, latest_checkpoint, read_checkpoint, set_param_dtypes
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -32,7 +32,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def load_model(path, device):
     """A train.py checkpoint (a file, or a run's out_dir) -> (model, info): the LLaMA on device in eval mode, its
-    params in the run's dtype (bf16 for dtype=bfloat16, else fp32), built as train.py builds it; info holds the
+    params in the run's dtypes (bf16 for dtype=bfloat16, but for the fp32 1-D params of bf16=stochastic or
+    fp32_vectors; else fp32), built as train.py builds it (set_param_dtypes); info holds the
     checkpoint's path, step, config (the run's, a dict), vocab_size, tokenizer and eot_id (these two None in a
     checkpoint that predates them). Raises ValueError (one line) for a missing, damaged or mismatched checkpoint."""
     if os.path.isdir(path):
@@ -46,8 +47,9 @@ def load_model(path, device):
     cfg = ckpt["config"]
     with device:
         model = LLaMA(LLaMAConfig.from_config(cfg, ckpt["vocab_size"]))
-    if cfg["dtype"] == "bfloat16":  # as train.py: the rotary tables too, so the numbers are the run's
-        model.to(torch.bfloat16)
+    # as train.py (the rotary tables too, so the numbers are the run's); a checkpoint older than the bf16 key ran
+    # the paper's pure bf16
+    set_param_dtypes(model, cfg["dtype"], cfg.get("bf16", "paper"))
     try:
         model.load_state_dict(ckpt["model"])  # the uncompiled model's: no _orig_mod. prefix, with or without compile
     except RuntimeError as e:

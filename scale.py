@@ -11,15 +11,18 @@ where rms(x, dim) = max(sqrt(mean(x^2 over dim)), 1e-8), tensors of more than 2 
 momentum_roles=("matrix", "embedding", "output") puts momentum everywhere.
 compile=True runs each role's update as one torch.compile'd graph: the fast path. Eager is the same code, readable
 and slower (bench.py optimizer). Sharded params (FSDP2's DTensors) are updated shard by shard, each rank its own rows
-(see "Sharded params"). Read on in order: SCALE, the two updates, the roles, sharded params, and last the CPU speed
-tricks.
+(see "Sharded params"). bf16_rounding="stochastic" rounds the bf16 writes of p stochastically (see "Stochastic
+rounding"). Read on in order: SCALE, the two updates, stochastic rounding, the roles, sharded params, and last the CPU
+speed tricks.
 """
+import math
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # private; torch is pinned
 
 ROLES = ("matrix", "embedding", "output", "vector")
 NORM_DIM = {"matrix": 1, "embedding": 0, "output": 1}
@@ -42,29 +45,41 @@ class SCALE(torch.optim.Optimizer):
         correction (so it acts as eps / sqrt(1 - beta2^t), unlike torch.optim.AdamW).
     momentum_roles: the roles among matrix, embedding and output that get a momentum buffer; ("output",) is SCALE.
     compile: run each role's update as one torch.compile'd graph (static shapes).
+    bf16_rounding: how the matrix, embedding and output roles write a bf16 p: "nearest" (round to nearest even, as
+        PyTorch casts), or "stochastic": unbiased stochastic rounding, so that an update smaller than bf16's spacing
+        still moves p in expectation (see "Stochastic rounding"). No effect on fp32 params (their write is exact);
+        the momentum buffer and the vector role's writes round to nearest either way.
+    seed: the seed of stochastic rounding's random bits (an int, taken mod 2^32). The bits are a hash of (seed, p's
+        step, p's index in the optimizer, the element's index in p): a resumed run continues bit for bit (p's step is
+        state[p]["step"], in state_dict), and DDP ranks, stepping the same values, stay identical.
 
-    The changing hyperparameters reach the updates as named 0-D fp32 tensors on the params' device, made at the
-    first step and filled in place from the param groups at each step (and so not in state_dict): a compiled step
-    does not recompile when lr changes, and a GPU step makes no host-to-device copy and no sync.
+    The changing hyperparameters reach the updates as named 0-D fp32 tensors on the params' device (stochastic
+    rounding's keys as 0-D int32 ones), made at the first step and filled in place from the param groups (and
+    each param's step) at each step, and so not in state_dict: a compiled step does not recompile when lr changes,
+    and a GPU step makes no host-to-device copy and no sync.
 
-    Raises ValueError on lr or weight_decay < 0, momentum outside [0, 1), momentum_roles outside the 2-D roles, an
-    unknown role, or a role other than "vector" with a tensor of fewer than 2 dims; step() raises ValueError on a
-    sparse or complex gradient, or a matrix or output DTensor sharded by columns (its row norms would span ranks).
+    Raises ValueError on lr or weight_decay < 0, momentum outside [0, 1), momentum_roles outside the 2-D roles,
+    bf16_rounding not "nearest" or "stochastic", an unknown role, or a role other than "vector" with a tensor of
+    fewer than 2 dims; step() raises ValueError on a sparse or complex gradient, or a matrix or output DTensor
+    sharded by columns (its row norms would span ranks).
     Warns (UserWarning) on params without roles, e.g. SCALE(model.parameters()): the embedding and output layers
     get role "matrix", so no momentum and a row-normalized embedding, not SCALE.
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, adam_lr=None, adam_betas=(0.9, 0.999),
-                 adam_eps=1e-8, momentum_roles=("output",), compile=False):
+                 adam_eps=1e-8, momentum_roles=("output",), compile=False, bf16_rounding="nearest", seed=0):
         if lr < 0 or weight_decay < 0:
             raise ValueError(f"lr ({lr}) and weight_decay ({weight_decay}) must be >= 0")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if bf16_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"bf16_rounding must be 'nearest' or 'stochastic', got {bf16_rounding!r}")
         if not set(momentum_roles) <= set(NORM_DIM):
             raise ValueError(f"momentum_roles {tuple(momentum_roles)} must be among {tuple(NORM_DIM)} "
                              "(vector params always use AdamW)")
-        defaults = dict(lr=lr, lr0=lr, momentum=momentum, weight_decay=weight_decay, momentum_roles=tuple(momentum_roles),
-                        adam_lr=lr if adam_lr is None else adam_lr, adam_betas=tuple(adam_betas), adam_eps=adam_eps)
+        defaults = dict(lr=lr, lr0=lr, momentum=momentum, weight_decay=weight_decay,
+                        momentum_roles=tuple(momentum_roles), adam_lr=lr if adam_lr is None else adam_lr,
+                        adam_betas=tuple(adam_betas), adam_eps=adam_eps, bf16_rounding=bf16_rounding, seed=seed)
         super().__init__(with_roles(params), defaults)
         for group in self.param_groups:
             if group["role"] not in ROLES:
@@ -73,7 +88,8 @@ class SCALE(torch.optim.Optimizer):
                 raise ValueError(f"role {group['role']!r} needs tensors of 2+ dims; give 1-D params role 'vector'")
         self._normalized_update = torch.compile(normalized_update_, dynamic=False) if compile else normalized_update_
         self._adamw_update = torch.compile(adamw_update_, dynamic=False) if compile else adamw_update_
-        self._scalar_tensors = {}  # {(key, device): {name: 0-D fp32 tensor}}, see _scalars
+        self._scalar_tensors = {}  # {(key, device): {name: 0-D fp32 or int32 tensor}}, see _scalars
+        self._index = {id(p): k for k, p in enumerate(p for group in self.param_groups for p in group["params"])}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -116,10 +132,38 @@ class SCALE(torch.optim.Optimizer):
             if ms:
                 gs, ms = [ema_(m, g, scalars["one_minus_beta"]) for m, g in zip(ms, gs)], []
             rmss = [sharded_column_rms(g, p) for g, p in zip(gs, params)]
-        ps, gs, ms, rmss = without_empty_shards(ps, gs, ms, rmss)
+        keys = self._rounding_keys(i, group, params, dim)
+        ps, gs, ms, rmss, keys = without_empty_shards(ps, gs, ms, rmss, keys)
         if ps:
             in_blocks = lambda ts: [b for t in ts for b in blocks(t, dim)]  # CPU speed, see blocks; rmss: dim 0 only
-            self._normalized_update(in_blocks(ps), in_blocks(gs), in_blocks(ms), rmss, dim, **scalars)
+            keys = [key for per_block in keys for key in per_block]
+            self._normalized_update(in_blocks(ps), in_blocks(gs), in_blocks(ms), rmss, keys, dim, **scalars)
+
+    def _rounding_keys(self, i, group, params, dim):
+        """For bf16_rounding="stochastic": per param, per block of its local shard (blocks), the key of its random
+        bits (a 0-D int32 tensor, or None for a param that is not bf16), counting each bf16 param's step in
+        state[p]["step"]; [] for "nearest". The key is the hash of (seed, step, p's index) plus the flat index in p
+        of the block's first element, so an element's bits are the same however p is blocked, and, sharded by
+        rows, as unsharded."""
+        if group["bf16_rounding"] != "stochastic":
+            return []
+        keys = []
+        for p in params:
+            local = local_shards([p])[0]
+            if p.dtype != torch.bfloat16:
+                keys.append([None] * len(blocks(local, dim)))
+                continue
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            if local.numel() > KEY_MASK + 1:
+                raise ValueError(f"bf16_rounding='stochastic' handles tensors of up to 2^30 elements, got {p.shape}")
+            key = hash32(group["seed"] ^ hash32(state["step"] ^ hash32(self._index[id(p)])))
+            offset, keys_of_p = shard_offset(p), {}
+            for k, block in enumerate(blocks(local, dim)):
+                keys_of_p[f"key{k}"] = (key + offset) & KEY_MASK
+                offset += block.numel()
+            keys.append(list(self._scalars((i, id(p)), p.device, torch.int32, **keys_of_p).values()))
+        return keys
 
     def _adamw_step(self, i, group, params):
         lr = group["adam_lr"] * group["lr"] / group["lr0"] if group["lr0"] else 0.0
@@ -143,32 +187,34 @@ class SCALE(torch.optim.Optimizer):
         if ps:
             self._adamw_update(ps, gs, ms, vs, step_sizes=step_sizes, **scalars)
 
-    def _scalars(self, key, device, **values):
-        """{name: a 0-D fp32 tensor on device holding values[name]}, made once under key and filled in place at
-        every call after: a fill from a Python float is one kernel launch (no host-to-device copy, no sync), and a
-        compiled update sees the same inputs at every step. Each tensor is filled before each use, so a key needs
-        only to be unique among a step's groups (group index) and parameters ((group index, id(p)))."""
-        tensors = self._scalar_tensors.get((key, device))
-        if tensors is None:
-            tensors = {name: torch.empty((), dtype=torch.float32, device=device) for name in values}
-            self._scalar_tensors[key, device] = tensors
+    def _scalars(self, key, device, dtype=torch.float32, **values):
+        """{name: a 0-D tensor of dtype (fp32, or int32 for rounding keys) on device holding values[name]}, made once
+        under (key, device, name) and filled in place at every call after: a fill from a Python number is one kernel
+        launch (no host-to-device copy, no sync), and a compiled update sees the same inputs at every step. Each
+        tensor is filled before each use, so a key needs only to be unique among a step's groups (group index) and
+        parameters ((group index, id(p)))."""
+        tensors = self._scalar_tensors.setdefault((key, device), {})
         for name, value in values.items():
+            if name not in tensors:
+                tensors[name] = torch.empty((), dtype=dtype, device=device)
             tensors[name].fill_(value)
-        return tensors
+        return {name: tensors[name] for name in values}
 
 
 # -----------------------------------------------------------------------------
 # the two updates, each one torch.compile'd graph with compile=True
 
-def normalized_update_(params, grads, bufs, rmss, dim: int, lr, decay, one_minus_beta):
+def normalized_update_(params, grads, bufs, rmss, keys, dim: int, lr, decay, one_minus_beta):
     """The matrix, embedding and output roles, in place: for each p, G (and momentum buffer m, when bufs is not
     empty: m <- beta*m + (1-beta)*G, and G is m from then on), p <- p * (1 - lr*wd) - lr * G / rms(G, dim).
 
     params, grads, bufs: lists of tensors of 2+ dims (viewed as (shape[0], -1)), of p's dtype; bufs is [] or one per
     p. rmss: None, or for each p rms(G, dim) computed elsewhere, (1, D) fp32 (a shard's column norms, from all ranks'
     rows: sharded_column_rms). dim: 1 normalizes rows (matrix, output), 0 columns (embedding). lr, decay = 1 - lr*wd
-    and one_minus_beta = 1 - beta: 0-D fp32 tensors. Computes in fp32 and rounds into p (and m) once. Returns the
-    factors lr / rms(G), (N, 1) or (1, D) fp32 each, for CPU speed (see "CPU speed" at the end of the file)."""
+    and one_minus_beta = 1 - beta: 0-D fp32 tensors. keys: [] (round to nearest), or for each p None (nearest) or
+    the 0-D int32 key of its stochastic rounding (round_stochastic; p bf16). Computes in fp32 and rounds into p (and m)
+    once. Returns the factors lr / rms(G), (N, 1) or (1, D) fp32 each, for CPU speed (see "CPU speed" at the end of
+    the file)."""
     if bufs:
         grads = [ema_(m, g, one_minus_beta) for m, g in zip(bufs, grads)]
     factors = []
@@ -177,7 +223,8 @@ def normalized_update_(params, grads, bufs, rmss, dim: int, lr, decay, one_minus
         factors.append(lr / (rms(g, dim) if rmss is None else rmss[k]))
         # p*(1 - lr*wd) - G * lr / rms(G). fp32 p: p.float() is p, so this runs in place and eager mode makes no
         # temporaries; bf16 p: one fp32 copy, rounded once into p (the one write of p)
-        p.copy_(p.float().mul_(decay).addcmul_(g, factors[-1], value=-1))
+        new = p.float().mul_(decay).addcmul_(g, factors[-1], value=-1)
+        p.copy_(new if not keys or keys[k] is None else round_stochastic(new, keys[k]))
     return factors
 
 
@@ -214,6 +261,62 @@ def rms(g, dim: int):
 def rms_of_sum(sum_of_squares, n):
     """max(sqrt(sum_of_squares / n), 1e-8): an rms from its sum of squares over n elements."""
     return (sum_of_squares / n).sqrt().clamp_min(1e-8)
+
+
+# -----------------------------------------------------------------------------
+# stochastic rounding (bf16_rounding="stochastic"): an fp32 x between two neighbouring bf16 values a < x < b becomes b
+# with probability (x - a) / (b - a), else a, so its expectation is x: a step smaller than bf16's spacing (2^-7 of a
+# weight's magnitude; 2^-9 at 0.02) moves the weight in expectation instead of being lost (Gupta et al. 2015,
+# arXiv 1502.02551; for bf16 training, Zamirai et al. 2020, arXiv 2010.06192). The random bits come from a counter-
+# based hash, not a generator: no RNG state to save, the same bits on every DDP rank, and in a compiled step one fused
+# kernel with no memory traffic of its own (the element index is an arange inductor fuses).
+
+MASK = 2 ** 32 - 1
+KEY_MASK = 2 ** 30 - 1  # keys and element indices stay below 2^30, so key + index fits an int32
+
+
+def hash32(x):
+    """A 32-bit integer hash of a Python int (Wellons' hash prospector, two xorshift-multiply rounds), a bijection
+    on [0, 2^32); x is taken mod 2^32 first. It mixes (seed, step, param index) into each step's key, on the host."""
+    x = x & MASK
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & MASK
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & MASK
+    return x ^ (x >> 15)
+
+
+def hash16(x):
+    """16 random bits of each x in [0, 2^31), elementwise on an int32 tensor (or a Python int): the high half folded
+    into the low one, then three xorshift-multiply rounds mod 2^16 with odd multipliers below 2^15 (each a
+    bijection), so no product reaches 2^31 and nothing overflows int32; consecutive x spread evenly over [0, 2^16)."""
+    h = (x & 0xFFFF) ^ (((x >> 16) * 0x2C1B) & 0xFFFF)
+    h = (h * 0x6D2B) & 0xFFFF
+    h = h ^ (h >> 8)
+    h = (h * 0x4F1B) & 0xFFFF
+    h = h ^ (h >> 7)
+    h = (h * 0x3A6D) & 0xFFFF
+    return h ^ (h >> 8)
+
+
+def round_stochastic(x, key):
+    """fp32 x -> bf16, rounded stochastically and unbiased: 16 random bits r per element (hash16 of key + the
+    element's flat index, key a 0-D int32 tensor in [0, 2^30), x of at most 2^30 elements) are added to x's bit
+    pattern, whose low 16 bits are then cut: x rounds up in magnitude with probability (its low 16 bits) / 2^16.
+    A bf16 value (low 16 bits zero) is returned unchanged, and the cut value converts to bf16 exactly. In int32:
+    the largest finite pattern plus r stays below 2^31 (and a negative one above -2^31). inf stays inf, and a NaN
+    as arithmetic makes it (0x7FC00000, or with the sign bit) stays NaN."""
+    bits = hash16(torch.arange(x.numel(), device=x.device, dtype=torch.int32).view(x.shape) + key)
+    return ((x.view(torch.int32) + bits) & -2 ** 16).view(torch.float32).to(torch.bfloat16)
+
+
+def shard_offset(p):
+    """The flat index, in the whole of p, of its local shard's first element (0 for a plain tensor): sharded by rows,
+    the shard's elements have the indices they have unsharded, so they round with the same bits."""
+    if not isinstance(p, DTensor):
+        return 0
+    _, offsets = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return sum(offset * math.prod(p.shape[d + 1:]) for d, offset in enumerate(offsets))
 
 
 # -----------------------------------------------------------------------------

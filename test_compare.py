@@ -28,6 +28,18 @@ def test_adamw_memory_matches_the_paper_up_to_its_vocab():
     assert [gb(n, "scale", 32100) for n in SIZES] == [0.15, 0.32, 0.80, 2.81, 13.74]
 
 
+def test_fp32_vectors_do_not_move_the_memory_table():
+    # dtype=bfloat16 with bf16="stochastic" or "fp32_vectors": the 1-D params and their AdamW moments are fp32, 4
+    # bytes each instead of 2; the params + SCALE state bytes still round to the paper's GB
+    import train
+    for name, paper in zip(SIZES, [0.15, 0.32, 0.80, 2.81, 13.74]):
+        model = train.set_param_dtypes(compare.meta_model(compare.paper_config(name), 32000), "bfloat16", "stochastic")
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        state = 2 * model.lm_head.weight.numel() + 2 * sum(p.numel() * p.element_size() for p in model.parameters()
+                                                           if p.ndim == 1)  # momentum, AdamW's two moments
+        assert any(p.dtype.itemsize == 4 for p in model.parameters()) and round((params + state) / 1e9, 2) == paper
+
+
 def test_state_elements_per_optimizer():
     model = compare.meta_model(load_config(["--dim=64", "--n_layers=2", "--n_heads=4", "--ffn_dim=128"]), vocab_size=100)
     n = model.num_params()

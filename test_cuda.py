@@ -20,14 +20,14 @@ import torch.nn.functional as F
 import compare
 import train
 from model import LinearCrossEntropy, peak_flops
-from test_train import HERE, events, identical, load_ckpt, read_log, start_record, state_bytes_logged, tiny_args, \
-    tiny_model
+from test_train import HERE, events, identical, load_ckpt, param_dtype, read_log, start_record, state_bytes_logged, \
+    tiny_args, tiny_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = [pytest.mark.cuda, needs_cuda]
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 LRS = dict(scale=1e-2, adamw=1e-2, muon=1e-2, sgd=0.5)  # each learns the byte data in a few steps (test_train.py)
-PARAM_DTYPE = dict(float32=torch.float32, bfloat16=torch.bfloat16, mixed=torch.float32)
+DTYPES = ("float32", "bfloat16", "mixed")
 RESUME_TOL_BF16_COMPILED = 0.02  # max |loss difference| of a resumed bf16 + compile run (kernels not deterministic)
 CROSS_DEVICE_TOL = 0.02  # max |loss difference| between CPU (fp32) and CUDA (TF32 matmuls, as train.py runs fp32)
 
@@ -154,7 +154,7 @@ def test_linear_cross_entropy_backward_never_holds_the_whole_fp32_gradient(dtype
 # -----------------------------------------------------------------------------
 # train.py on the device
 
-@pytest.mark.parametrize("dtype", PARAM_DTYPE)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("optimizer", LRS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_each_optimizer_in_each_dtype_trains(device, optimizer, dtype, byte_data, tmp_path):
@@ -170,13 +170,14 @@ def test_each_optimizer_in_each_dtype_trains(device, optimizer, dtype, byte_data
         assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
     peaks = events(records, "train", "peak_mem_bytes")
     assert all(p is None for p in peaks) if device == "cpu" else all(p > 0 for p in peaks)
-    ckpt = load_ckpt(tmp_path)
-    assert {t.dtype for t in ckpt["model"].values()} == {PARAM_DTYPE[dtype]}
-    state = [t for opt in ckpt["optimizers"] for s in opt["state"].values() for t in s.values()
+    ckpt = load_ckpt(tmp_path)  # bfloat16 (bf16="stochastic"): fp32 norm gains and their state (param_dtype)
+    assert all(t.dtype == param_dtype(name, dtype, "stochastic") for name, t in ckpt["model"].items())
+    state = [(name, t) for opt in ckpt["optimizers"] for name, s in opt["state"].items() for t in s.values()
              if torch.is_tensor(t) and t.ndim > 0]
-    assert state and {t.dtype for t in state} == {PARAM_DTYPE[dtype]}
-    element_size = torch.tensor([], dtype=PARAM_DTYPE[dtype]).element_size()
-    assert state_bytes_logged(records) == element_size * compare.state_numel(tiny_model(), optimizer)
+    assert state and all(t.dtype == param_dtype(name, dtype, "stochastic") for name, t in state)
+    assert state_bytes_logged(records) == sum(t.numel() * t.element_size() for _, t in state)
+    if dtype != "bfloat16":
+        assert state_bytes_logged(records) == 4 * compare.state_numel(tiny_model(), optimizer)
 
 
 @pytest.fixture(scope="module", params=DEVICES)
@@ -292,7 +293,7 @@ def test_60m_bf16_compiled_run_learns_and_reports_mfu_and_memory(run_60m):
     device_name = start_record(records)["device"]
     for r in (r for r in records if r["event"] == "train"):
         assert r["peak_mem_bytes"] > 0 and (r["mfu"] is None) == (peak_flops(device_name) is None)
-    assert {t.dtype for t in load_ckpt(out)["model"].values()} == {torch.bfloat16}
+    assert all(t.dtype == param_dtype(name, "bfloat16", "stochastic") for name, t in load_ckpt(out)["model"].items())
 
 
 @cuda_only

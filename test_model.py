@@ -184,6 +184,16 @@ def test_bf16_and_autocast():
     assert abs(loss.item() - ref_loss.item()) < 0.02
     loss.backward()
     assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+    # fp32 norm gains (train.py's bf16 runs) are cast at use: the activations, logits and numbers stay bf16's
+    for p in model.parameters():
+        p.grad = None
+        if p.ndim == 1:
+            p.data = p.data.float()
+    assert model.norm(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    logits_fp32_gains, loss_fp32_gains = model(idx, targets)
+    assert torch.equal(logits_fp32_gains, logits) and torch.equal(loss_fp32_gains, loss)
+    loss_fp32_gains.backward()
+    assert all(p.grad.dtype == p.dtype for p in model.parameters()) and model.norm.weight.grad.dtype == torch.float32
 
 
 @pytest.mark.slow

@@ -134,6 +134,100 @@ def test_bf16_state_is_updated_in_fp32():
     assert torch.equal(opt.state[model.norm.weight]["exp_avg_sq"], first(1 - 0.999, g_norm.float().square()))
 
 
+# -----------------------------------------------------------------------------
+# stochastic rounding of bf16 writes (bf16_rounding="stochastic")
+
+@pytest.mark.parametrize("value", [1 + 2 ** -10, -(1 + 2 ** -10), 0.02 + 3e-6, -3.3e-3, 1e-39])  # 1e-39: subnormal
+def test_stochastic_rounding_is_unbiased(value):
+    # many rounded writes of one value (each element its own bits): their mean is the value, within 4 standard
+    # errors; each write is one of the two bf16 neighbours
+    n = 200_000
+    x = torch.full((n,), value)
+    rounded = scale.round_stochastic(x, torch.tensor(12345, dtype=torch.int32)).double()
+    neighbours = rounded.unique()
+    assert len(neighbours) == 2 and neighbours[0] < value < neighbours[1]
+    assert torch.equal(neighbours.float().bfloat16().double(), neighbours)
+    share_up = (value - neighbours[0]) / (neighbours[1] - neighbours[0])
+    standard_error = (neighbours[1] - neighbours[0]) * math.sqrt(share_up * (1 - share_up) / n)
+    assert abs(rounded.mean() - value) < 4 * standard_error
+
+
+def test_stochastic_rounding_leaves_bf16_values_unchanged():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(10_000, generator=gen) * 10.0 ** torch.randint(-40, 30, (10_000,), generator=gen),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 2 ** -133])]).bfloat16()
+    rounded = scale.round_stochastic(x.float(), torch.tensor(7, dtype=torch.int32))
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded.view(torch.int16), x.view(torch.int16))
+
+
+def test_hashes_stay_in_range_and_spread_evenly():
+    assert scale.hash32(2 ** 32 + 5) == scale.hash32(5) and scale.hash32(-1) == scale.hash32(2 ** 32 - 1)
+    assert len({scale.hash32(x) for x in range(2 ** 16)}) == 2 ** 16  # a bijection: no collisions
+    xs = torch.arange(2 ** 20, dtype=torch.int32) + (2 ** 31 - 2 ** 20)  # up to int32's largest
+    bits = scale.hash16(xs)
+    assert bits.dtype == torch.int32 and bits.tolist()[:50] == [scale.hash16(x) for x in xs.tolist()[:50]]
+    assert torch.equal(torch.bincount(bits, minlength=2 ** 16), torch.full((2 ** 16,), 16))  # each value 16 times
+
+
+def test_stochastic_steps_below_bf16_spacing_move_weights_in_expectation():
+    # a unit-RMS update of lr 2^-12 on weights at 1.0 (bf16 spacing there: 2^-7 above, 2^-8 below): nearest
+    # rounding loses every step, stochastic rounding moves each weight by -lr per step in expectation
+    moved = {}
+    for rounding in ("nearest", "stochastic"):
+        p = nn.Parameter(torch.ones(64, 256, dtype=torch.bfloat16))
+        opt = SCALE([{"params": [p], "role": "matrix"}], lr=2 ** -12, bf16_rounding=rounding, seed=1)
+        for _ in range(64):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        moved[rounding] = (p.detach().double() - 1).mean().item()
+    assert moved["nearest"] == 0.0
+    assert moved["stochastic"] == pytest.approx(-64 * 2 ** -12, rel=0.02)
+
+
+def sr_run(seed=0, block_bytes=scale.BLOCK_BYTES, steps=3, monkeypatch=None):
+    """A bf16 Toy after `steps` SCALE steps with stochastic rounding -> (model, opt)."""
+    if monkeypatch:
+        monkeypatch.setattr(scale, "BLOCK_BYTES", block_bytes)
+    torch.manual_seed(0)
+    model = Toy().to(torch.bfloat16)
+    opt = SCALE(scale_param_groups(model), lr=1e-3, bf16_rounding="stochastic", seed=seed)
+    for step in range(steps):
+        random_grads(model, step)
+        opt.step()
+    return model, opt
+
+
+def test_stochastic_rounding_depends_on_seed_not_on_blocks(monkeypatch):
+    base, opt = sr_run()
+    # every bf16 param of the normalized roles counts its steps; the vector role keeps AdamW's state only
+    assert all(opt.state[p]["step"] == 3 for g in opt.param_groups if g["role"] != "vector" for p in g["params"])
+    assert [set(opt.state[p]) for p in base.parameters()] == [
+        {"step"}, {"step"}, {"exp_avg", "exp_avg_sq", "step"}, {"step"}, {"exp_avg", "exp_avg_sq", "step"},
+        {"exp_avg", "exp_avg_sq", "step"}, {"exp_avg", "exp_avg_sq", "step"}, {"momentum_buffer", "step"}]
+    blocked, _ = sr_run(block_bytes=128, monkeypatch=monkeypatch)  # lm_head and conv in blocks of rows
+    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), blocked.parameters()))
+    again, _ = sr_run()  # what DDP's ranks do: the same values and steps round alike, with no RNG state
+    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), again.parameters()))
+    other, _ = sr_run(seed=1)
+    assert not torch.equal(base.lm_head.weight, other.lm_head.weight)
+    nearest = Toy().to(torch.bfloat16)  # and nearest rounding keeps no step count for them
+    opt = SCALE(scale_param_groups(nearest), lr=1e-3)
+    random_grads(nearest, 0)
+    opt.step()
+    assert "step" not in opt.state[nearest.lm_head.weight] and nearest.emb.weight not in opt.state
+
+
+def test_stochastic_rounding_has_no_effect_on_fp32_params():
+    models = [Toy() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [SCALE(scale_param_groups(m), lr=1e-2, bf16_rounding=r) for m, r in zip(models, ("nearest", "stochastic"))]
+    for m, opt in zip(models, opts):
+        random_grads(m, 0)
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
+    assert "step" not in opts[1].state[models[1].lm_head.weight]
+
+
 def test_rms_is_clamped_at_1e_minus_8():
     p = nn.Parameter(torch.zeros(3, 4))
     p.grad = torch.tensor([[0.0] * 4, [1e-10] * 4, [1e-7, -1e-7, 1e-7, -1e-7]])
@@ -259,10 +353,11 @@ def test_momentum_zero_is_column_normalized_sgd_with_no_matrix_state():
     assert all(p.ndim == 1 for p in opt.state)
 
 
-def test_state_dict_round_trip_continues_bit_identically():
+@pytest.mark.parametrize("dtype,rounding", [(torch.float32, "nearest"), (torch.bfloat16, "stochastic")])
+def test_state_dict_round_trip_continues_bit_identically(dtype, rounding):
     torch.manual_seed(0)
-    a, b = Toy(), Toy()
-    opt_a = SCALE(scale_param_groups(a), lr=1e-2, weight_decay=0.1)
+    a, b = Toy().to(dtype), Toy().to(dtype)
+    opt_a = SCALE(scale_param_groups(a), lr=1e-2, weight_decay=0.1, bf16_rounding=rounding, seed=3)
     for step in range(3):
         random_grads(a, step)
         opt_a.step()
@@ -271,7 +366,7 @@ def test_state_dict_round_trip_continues_bit_identically():
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
     b.load_state_dict(ckpt["model"])
-    opt_b = SCALE(scale_param_groups(b), lr=5.0)  # hyperparameters come back from the state dict
+    opt_b = SCALE(scale_param_groups(b), lr=5.0)  # hyperparameters (rounding, seed) come back from the state dict
     opt_b.load_state_dict(ckpt["opt"])
     for step in range(3, 6):
         for model, opt in ((a, opt_a), (b, opt_b)):
@@ -360,6 +455,7 @@ def test_closure_none_grads_zero_grad_and_lr_scheduler():
     (dict(momentum=-0.5), "momentum must be in [0, 1), got -0.5"),
     (dict(momentum_roles=("vector",)),
      "momentum_roles ('vector',) must be among ('matrix', 'embedding', 'output') (vector params always use AdamW)"),
+    (dict(bf16_rounding="up"), "bf16_rounding must be 'nearest' or 'stochastic', got 'up'"),
 ])
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -396,14 +492,17 @@ def cuda(test):
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=CUDA)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_equals_eager_at_each_step(device, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,rounding", [(torch.float32, "nearest"), (torch.bfloat16, "nearest"),
+                                            (torch.bfloat16, "stochastic")])
+def test_compiled_equals_eager_at_each_step(device, dtype, rounding, monkeypatch):
     monkeypatch.setattr(scale, "BLOCK_BYTES", 384)  # on CPU, lm_head and its momentum in blocks of rows
     torch._dynamo.reset()
     torch.manual_seed(0)
     models = [Toy().to(device, dtype) for _ in range(2)]  # all four roles
     models[1].load_state_dict(models[0].state_dict())
-    opts = [SCALE(scale_param_groups(m), lr=1e-2, compile=c) for m, c in zip(models, (False, True))]
+    # stochastic: the same random bits, so eager and compiled round alike but where their fp32 values differ
+    opts = [SCALE(scale_param_groups(m), lr=1e-2, compile=c, bf16_rounding=rounding)
+            for m, c in zip(models, (False, True))]
     for step, (lr, wd) in enumerate(SCHEDULE):
         for m, opt in zip(models, opts):
             random_grads(m, step)
@@ -480,7 +579,7 @@ class UnevenToy(nn.Module):
 
 
 SHARDED_CASES = [dict(), dict(momentum=0.0), dict(momentum_roles=("matrix", "embedding", "output")),
-                 dict(dtype=torch.bfloat16, weight_decay=0.1)]
+                 dict(dtype=torch.bfloat16, weight_decay=0.1), dict(dtype=torch.bfloat16, bf16_rounding="stochastic")]
 
 
 def sharded_step_worker(rank, init_file, cases, compile):
@@ -519,6 +618,9 @@ def sharded_step_worker(rank, init_file, cases, compile):
                         if torch.is_tensor(a):
                             assert b.dtype == a.dtype, (case, name)
                             torch.testing.assert_close(b, a.detach(), **tol, msg=lambda m: f"{case} {step} {name}: {m}")
+                        if torch.is_tensor(a) and "stochastic" in case.values() and not compile and "emb" not in name:
+                            # a shard's elements round with the bits they have unsharded: the same numbers
+                            assert torch.equal(b, a), (case, step, name)
             assert all(isinstance(t, DTensor) for s in opts[1].state.values() for t in s.values() if torch.is_tensor(t))
         # a matrix sharded by columns would need its row norms from both ranks: refused in one line
         p = nn.Parameter(distribute_tensor(torch.randn(4, 6), sharded.lm_head.weight.device_mesh, [Shard(1)]))

@@ -84,8 +84,19 @@ def test_load_model_is_the_trained_model(runs, dtype, param_dtype):
     assert info["path"] == ckpt_of(runs[dtype]) and info["step"] == 20 and info["vocab_size"] == 257
     assert (info["tokenizer"], info["eot_id"], info["config"]["dtype"]) == ("byte", 256, dtype)
     assert not model.training and model.config.max_seq_len == 32
-    assert all(p.dtype == param_dtype and torch.equal(p, saved["model"][k]) for k, p in model.state_dict().items())
+    for k, p in model.state_dict().items():  # bfloat16 (bf16="stochastic", the default): fp32 norm gains
+        assert p.dtype == (torch.float32 if "norm" in k else param_dtype) and torch.equal(p, saved["model"][k]), k
     assert model.rope_cos.dtype == param_dtype  # as train.py's model: .to(bf16) casts the rotary tables too
+
+
+def test_checkpoint_of_pure_bf16_loads_in_its_dtypes(runs, tmp_path):
+    # a bf16="paper" checkpoint, or one older than the bf16 key (which ran the paper's pure bf16): all bf16
+    ckpt = torch.load(ckpt_of(runs["bfloat16"]), weights_only=True)
+    for config in ({**ckpt["config"], "bf16": "paper"}, {k: v for k, v in ckpt["config"].items() if k != "bf16"}):
+        torch.save({**ckpt, "config": config, "model": {k: v.bfloat16() for k, v in ckpt["model"].items()}},
+                   tmp_path / "ckpt.pt")
+        model, _ = sample.load_model(str(tmp_path / "ckpt.pt"), torch.device("cpu"))
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 # -----------------------------------------------------------------------------

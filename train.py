@@ -49,9 +49,11 @@ def make_optimizers(model, cfg):
     """The run's torch optimizers; each group keeps its peak lr in group["initial_lr"] for the schedule."""
     if cfg.optimizer == "scale":
         roles = tuple(role for role in cfg.momentum_roles.split(",") if role)
+        stochastic = cfg.dtype == "bfloat16" and cfg.bf16 == "stochastic"
         optimizers = [SCALE(scale_param_groups(model), lr=cfg.lr, momentum=cfg.momentum,
                             weight_decay=cfg.weight_decay, adam_lr=cfg.adam_lr or None, momentum_roles=roles,
-                            compile=cfg.compile)]
+                            compile=cfg.compile, bf16_rounding="stochastic" if stochastic else "nearest",
+                            seed=cfg.seed)]
     elif cfg.optimizer == "adamw":
         optimizers = [adamw(model.parameters(), cfg)]
     elif cfg.optimizer == "muon":
@@ -69,6 +71,27 @@ def make_optimizers(model, cfg):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def set_param_dtypes(model, dtype, bf16):
+    """The params in a run's dtypes, in place: for dtype="bfloat16" the model in bf16 (its rotary tables too), then,
+    unless bf16="paper", its 1-D params (the norm gains) back in fp32 (keep_vectors_fp32); float32 and mixed keep
+    fp32. -> model."""
+    if dtype == "bfloat16":
+        model.to(torch.bfloat16)
+        if bf16 != "paper":
+            keep_vectors_fp32(model)
+    return model
+
+
+def keep_vectors_fp32(model):
+    """The 1-D params (norm gains, biases) in fp32, in place: about 0.01% of a LLaMA's params, whose updates
+    (AdamW's, at lr 1e-3 or less) are below bf16's spacing at 1.0 (2^-7), so in bf16 they would never move. The
+    optimizers then keep their state in fp32 too (zeros_like(p)); model.py casts the gains to the activations'
+    dtype at use."""
+    for p in model.parameters():
+        if p.ndim < 2:
+            p.data = p.data.float()
 
 
 def adamw(params, cfg):
@@ -107,7 +130,7 @@ def set_rng_states(states):
 CKPT, PREV_CKPT, LOG = "ckpt.pt", "ckpt_prev.pt", "log.jsonl"  # in out_dir
 # a resumed run keeps these from its checkpoint (a different value is an error); it takes every other key from
 # its command line (lr, schedule, batch_size, eval, logging and checkpoint settings, compile, data_dir, ...)
-KEPT_ON_RESUME = SHAPE + ("optimizer", "momentum_roles", "dtype", "seq_len", "total_batch_size", "seed")
+KEPT_ON_RESUME = SHAPE + ("optimizer", "momentum_roles", "dtype", "bf16", "seq_len", "total_batch_size", "seed")
 
 
 def save_checkpoint(out_dir, model, optimizers, step, cfg, batches, master):
@@ -463,8 +486,7 @@ def train(cfg):
     random.seed(cfg.seed)
     with device:
         model = LLaMA(model_cfg)
-    if cfg.dtype == "bfloat16":
-        model.to(torch.bfloat16)
+    set_param_dtypes(model, cfg.dtype, cfg.bf16)
     if cfg.fsdp:
         shard_model(model, cfg)  # before the optimizers, which then hold the sharded params
     optimizers = make_optimizers(model, cfg)
