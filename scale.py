@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # private; torch is pinned
 
 ROLES = ("matrix", "embedding", "output", "vector")
-NORM_DIM = {"matrix": 1, "embedding": 0, "output": 1}
+NORM_DIM = {"matrix": 1, "embedding": 0, "output": 1}  # the dim rms(G, dim) reduces: 1 per row, 0 per column
 
 
 class SCALE(torch.optim.Optimizer):
@@ -97,23 +97,23 @@ class SCALE(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for i, group in enumerate(self.param_groups):
+        for group_index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if p.grad.is_sparse or p.grad.is_complex():
                     raise ValueError("SCALE does not support sparse or complex gradients; use dense real params")
-                if NORM_DIM.get(group["role"]) == 1 and split_groups(p, dim=1):
+                if group["role"] in ("matrix", "output") and norm_process_groups(p, dim=1):
                     raise ValueError(f"SCALE normalizes the rows of role {group['role']!r}, so each rank needs whole "
                                      f"rows; shard its params by dim 0 (fully_shard's default), got {p.placements}")
             if not params:
                 continue
             if group["role"] == "vector":
-                self._adamw_step(i, group, params)
+                self._adamw_step(group_index, group, params)
             else:
-                self._normalized_step(i, group, params)
+                self._normalized_step(group_index, group, params)
         return loss
 
-    def _normalized_step(self, i, group, params):
+    def _normalized_step(self, group_index, group, params):
         lr, beta, dim = group["lr"], group["momentum"], NORM_DIM[group["role"]]
         bufs = []
         if beta > 0 and group["role"] in group["momentum_roles"]:
@@ -121,25 +121,29 @@ class SCALE(torch.optim.Optimizer):
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             bufs = [self.state[p]["momentum_buffer"] for p in params]
-        scalars = self._scalars(i, params[0].device, lr=lr, decay=1 - lr * group["weight_decay"],
+        scalars = self._scalars(group_index, params[0].device, lr=lr, decay=1 - lr * group["weight_decay"],
                                 one_minus_beta=1 - beta)
         ps, gs, ms = local_shards(params), local_shards(p.grad for p in params), local_shards(bufs)
         rmss = None
-        if dim == 0 and any(split_groups(p, dim) for p in params):
+        if dim == 0 and any(norm_process_groups(p, dim) for p in params):
             # the embedding sharded by rows (FSDP2): its column norms sum over every rank's rows, so each rank sums
             # its own rows' squares and one all-reduce of a (1, D) vector per tensor adds up the ranks'; the
             # momentum (if the embedding has any) comes first, since the norms are of the new m
-            if ms:
+            if ms:  # gs becomes the new m, and ms = [] so the update does not apply the momentum again
                 gs, ms = [ema_(m, g, scalars["one_minus_beta"]) for m, g in zip(ms, gs)], []
+            # a collective: every rank calls it for every param, so it comes before empty shards are dropped
             rmss = [sharded_column_rms(g, p) for g, p in zip(gs, params)]
-        keys = self._rounding_keys(i, group, params, dim)
+        keys = self._rounding_keys(group_index, group, params, dim)
         ps, gs, ms, rmss, keys = without_empty_shards(ps, gs, ms, rmss, keys)
         if ps:
-            in_blocks = lambda ts: [b for t in ts for b in blocks(t, dim)]  # CPU speed, see blocks; rmss: dim 0 only
+            # CPU speed (see blocks): p, G and m, of one shape, split into the same row blocks, and keys has one key
+            # per block; blocks splits only row-normalized roles (dim 1) and rmss exists only for dim 0, so rmss
+            # stays one per p. The returned factors are for inductor's sake (see "CPU speed"), not used here.
+            in_blocks = lambda ts: [b for t in ts for b in blocks(t, dim)]
             keys = [key for per_block in keys for key in per_block]
             self._normalized_update(in_blocks(ps), in_blocks(gs), in_blocks(ms), rmss, keys, dim, **scalars)
 
-    def _rounding_keys(self, i, group, params, dim):
+    def _rounding_keys(self, group_index, group, params, dim):
         """For bf16_rounding="stochastic": per param, per block of its local shard (blocks), the key of its random
         bits (a 0-D int32 tensor, or None for a param that is not bf16), counting each bf16 param's step in
         state[p]["step"]; [] for "nearest". The key is the hash of (seed, step, p's index) plus the flat index in p
@@ -162,10 +166,11 @@ class SCALE(torch.optim.Optimizer):
             for k, block in enumerate(blocks(local, dim)):
                 keys_of_p[f"key{k}"] = (key + offset) & KEY_MASK
                 offset += block.numel()
-            keys.append(list(self._scalars((i, id(p)), p.device, torch.int32, **keys_of_p).values()))
+            keys.append(list(self._scalars((group_index, id(p)), p.device, torch.int32, **keys_of_p).values()))
         return keys
 
-    def _adamw_step(self, i, group, params):
+    def _adamw_step(self, group_index, group, params):
+        # group["lr"] is the schedule's lr of the other roles; this role follows it at adam_lr * lr_t / lr_0
         lr = group["adam_lr"] * group["lr"] / group["lr0"] if group["lr0"] else 0.0
         (beta1, beta2), eps = group["adam_betas"], group["adam_eps"]
         step_sizes = []
@@ -177,13 +182,14 @@ class SCALE(torch.optim.Optimizer):
             state["step"] += 1
             # bias correction in Python float64, per parameter: a param skipped at a step (grad None) lags behind
             step_size = lr * (1 - beta2 ** state["step"]) ** 0.5 / (1 - beta1 ** state["step"])
-            step_sizes.append(self._scalars((i, id(p)), p.device, step_size=step_size)["step_size"])
-        # 1 - beta in float64, then fp32: 1 - fp32(0.999) would be 1.3e-5 off
-        scalars = self._scalars(i, params[0].device, decay=1 - lr * group["weight_decay"], one_minus_beta1=1 - beta1,
-                                one_minus_beta2=1 - beta2, eps=eps)
+            step_sizes.append(self._scalars((group_index, id(p)), p.device, step_size=step_size)["step_size"])
+        # 1 - beta in float64, then fp32: 1 - fp32(0.999) would be off by a relative 1.3e-5
+        scalars = self._scalars(group_index, params[0].device, decay=1 - lr * group["weight_decay"],
+                                one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2, eps=eps)
+        grads = [p.grad for p in params]
+        exp_avgs, exp_avg_sqs = [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_avg_sq"] for p in params]
         ps, gs, ms, vs, step_sizes = without_empty_shards(
-            *(local_shards(ts) for ts in (params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
-                                          [self.state[p]["exp_avg_sq"] for p in params])), step_sizes)
+            local_shards(params), local_shards(grads), local_shards(exp_avgs), local_shards(exp_avg_sqs), step_sizes)
         if ps:
             self._adamw_update(ps, gs, ms, vs, step_sizes=step_sizes, **scalars)
 
@@ -365,10 +371,15 @@ def scale_param_groups(model, output=None):
     return [{"params": ps, "role": role} for role, ps in groups.items() if ps]
 
 
+def state_tensors(optimizers):
+    """The state tensors of any torch optimizers (momentum buffers, moments), scalar step counters aside."""
+    return [t for opt in optimizers for state in opt.state.values() for t in state.values()
+            if torch.is_tensor(t) and t.ndim > 0]
+
+
 def state_bytes(optimizers):
     """Bytes of the state tensors of any torch optimizers, scalar step counters aside: the memory SCALE saves."""
-    return sum(t.numel() * t.element_size() for opt in optimizers for state in opt.state.values()
-               for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
+    return sum(t.numel() * t.element_size() for t in state_tensors(optimizers))
 
 
 # -----------------------------------------------------------------------------
@@ -390,9 +401,10 @@ def without_empty_shards(params, *others):
     return [[ts[k] for k in keep] if ts else ts for ts in (params, *others)]
 
 
-def split_groups(p, dim: int):
-    """The process groups over which p's norm along dim (of p viewed as (shape[0], -1)) is split: for a DTensor, the
-    groups of its mesh dims that shard its rows (dim=0) or its columns (dim=1); [] for a plain tensor."""
+def norm_process_groups(p, dim: int):
+    """The process groups over which rms(G, dim) of p (viewed as (shape[0], -1)) is split: a norm reduces over dim
+    (0: each column's, over the rows; 1: each row's, over the columns), so for a DTensor it is the groups of the mesh
+    dims that shard that axis (rows for dim=0, columns for dim=1); [] for a plain tensor."""
     if not isinstance(p, DTensor):
         return []
     return [p.device_mesh.get_group(i) for i, placement in enumerate(p.placements)
@@ -404,13 +416,14 @@ def sharded_column_rms(g, p):
     p's shape but for its rows, any dtype, possibly 0 rows) -> (1, D) fp32: this rank's column sums of squares,
     all-reduced over the groups that shard p's rows, over p's full row count."""
     sum_of_squares = column_sum_of_squares(g.float().flatten(1))  # flatten, not view(N, -1): N may be 0
-    for group in split_groups(p, dim=0):
+    for group in norm_process_groups(p, dim=0):
         dist.all_reduce(sum_of_squares, group=group)
     return rms_of_sum(sum_of_squares, p.shape[0])
 
 
 # -----------------------------------------------------------------------------
-# CPU speed: tricks for the compiled step on CPU, which the math above does not depend on
+# CPU speed: tricks for the compiled step on CPU. Each computes what the plain math would (to float rounding); they
+# are called from _normalized_step (blocks), rms (column_sum_of_squares) and normalized_update_ (returned factors)
 # - row blocks (blocks): the normalized update of a large tensor runs on blocks of whole rows that fit in cache.
 # - 64-row column sums (column_sum_of_squares): the embedding's sum over rows in two stages (on every device).
 # - returned factors: normalized_update_ returns lr / rms(G); as graph outputs, inductor computes each once per

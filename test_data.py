@@ -137,9 +137,10 @@ def test_rerun_after_kill_gives_same_bytes(c4_source, byte_data, tmp_path, monke
 
 @pytest.fixture(scope="module")
 def big_source(tmp_path_factory):
-    """A corpus that takes a while to prepare (~4M byte tokens), and it prepared by a run that was not disturbed."""
+    """A corpus that takes a while to prepare (~12M byte tokens: a second or more, so a signal sent after its first
+    shard arrives before it ends, even on a loaded machine), and it prepared by a run that was not disturbed."""
     root = tmp_path_factory.mktemp("big")
-    make_c4_source(root / "src", n_train=(20000,), n_val=50)
+    make_c4_source(root / "src", n_train=(60000,), n_val=50)
     prepare(root / "ref", root / "src", "--shard_tokens", "20000", "--workers", "1")
     return root / "src", root / "ref"
 

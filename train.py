@@ -39,7 +39,7 @@ from config import DEFAULTS, help_text, load_config
 from data import TrainBatches, val_batches, write_atomic
 from model import SHAPE, LLaMA, LLaMAConfig, peak_flops
 from prepare_c4 import bundled_source, prepare_once
-from scale import SCALE, local_shards, scale_param_groups, state_bytes
+from scale import SCALE, local_shards, scale_param_groups, state_bytes, state_tensors
 
 
 # -----------------------------------------------------------------------------
@@ -396,7 +396,7 @@ def bytes_held(tensors, world_size, device):
 def rank_memory(model, optimizers, world_size, device):
     """The most bytes of params, of grads and of optimizer state that any rank holds (bytes_held), at the end of a
     step, before zero_grad -> a dict of ints."""
-    state = [t for opt in optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
+    state = state_tensors(optimizers)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return dict(rank_param_bytes=bytes_held(model.parameters(), world_size, device),
                 rank_grad_bytes=bytes_held(grads, world_size, device),
