@@ -301,8 +301,9 @@ def tests_section(results):
 
 def memory_section(rows, cuda):
     how = "torch.cuda.memory_allocated deltas" if cuda else "tensor sizes, as there is no allocator to ask off CUDA"
-    lines = ["## Memory: bf16 params, each optimizer as train.py makes it", "",
-             f"Measured ({how}) next to compare.py --memory's estimate, 2 bytes x (params + state elements); "
+    lines = ["## Memory: train.py's default dtypes, each optimizer as train.py makes it", "",
+             f"Measured ({how}) with bf16 params, but the 1-D params and their state in fp32 (dtype=bfloat16, "
+             "bf16=stochastic), next to compare.py --memory's estimate, 2 bytes x (params + state elements); "
              "peak: one eager training step's. GB = 1e9 bytes.", "",
              "| model | optimizer | params | grads | state | params + state | estimate (compare.py) | peak (batch) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -137,10 +137,9 @@ def test_rerun_after_kill_gives_same_bytes(c4_source, byte_data, tmp_path, monke
 
 @pytest.fixture(scope="module")
 def big_source(tmp_path_factory):
-    """A corpus that takes a while to prepare (~12M byte tokens: a second or more, so a signal sent after its first
-    shard arrives before it ends, even on a loaded machine), and it prepared by a run that was not disturbed."""
+    """A corpus that takes a while to prepare (~4M byte tokens), and it prepared by a run that was not disturbed."""
     root = tmp_path_factory.mktemp("big")
-    make_c4_source(root / "src", n_train=(60000,), n_val=50)
+    make_c4_source(root / "src", n_train=(20000,), n_val=50)
     prepare(root / "ref", root / "src", "--shard_tokens", "20000", "--workers", "1")
     return root / "src", root / "ref"
 
@@ -149,7 +148,10 @@ def start_prepare(src, out, workers):
     """prepare_c4.py in its own process group, returned once it has staged a shard."""
     cmd = [sys.executable, "prepare_c4.py", "--data_dir", str(src), "--tokenizer", "byte", "--shard_tokens", "20000",
            "--workers", workers, "--out_dir", str(out)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=os.path.dirname(__file__), start_new_session=True)
+    # SIGINT as a terminal's: pytest run in the background by a shell (`pytest &`) inherits it ignored, and so would
+    # prepare_c4.py, as nohup intends
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=os.path.dirname(__file__), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stderr.read(1)  # first progress output: tokenization is under way, a shard is staged
     assert proc.poll() is None and any(n.endswith(".bin.new") for n in os.listdir(out))
     return proc, cmd

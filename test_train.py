@@ -291,7 +291,7 @@ def test_checkpoints_keep_the_previous_one(scale_run):
 
 @pytest.mark.parametrize("key,value", [("dim", 64), ("n_layers", 3), ("n_heads", 4), ("ffn_dim", 96),
                                        ("optimizer", "adamw"), ("momentum_roles", "output,matrix"),
-                                       ("dtype", "bfloat16"), ("bf16", "paper"), ("seq_len", 16),
+                                       ("dtype", "bfloat16"), ("seq_len", 16),
                                        ("total_batch_size", 16), ("seed", 1)])
 def test_resume_refuses_to_change_what_it_keeps(scale_run, byte_data, tmp_path, key, value):
     out = copy_run(scale_run, tmp_path)
@@ -302,6 +302,17 @@ def test_resume_refuses_to_change_what_it_keeps(scale_run, byte_data, tmp_path, 
         f"resume with --{key}={saved!r}, or start a new run with another --out_dir (or --overwrite=True, which "
         "deletes this one)")
     assert dir_bytes(out) == before
+
+
+def test_resume_keeps_bf16_only_in_bfloat16():
+    # bf16 is read only with dtype=bfloat16: a float32 run resumes with any; a bfloat16 run keeps its own
+    cfg = load_config(["--dtype=float32", "--bf16=paper"])
+    ckpt = dict(config={**vars(cfg), "bf16": "stochastic"}, vocab_size=257, step=1)
+    assert train.check_resume(ckpt, "ckpt.pt", cfg, 257) == {"bf16": ("stochastic", "paper")}
+    cfg = load_config(["--dtype=bfloat16", "--bf16=paper"])
+    ckpt["config"]["dtype"] = "bfloat16"
+    with pytest.raises(ValueError, match=r"^ckpt.pt was saved with bf16='stochastic', the config says 'paper'; "):
+        train.check_resume(ckpt, "ckpt.pt", cfg, 257)
 
 
 def test_resume_refuses_another_vocab_or_fewer_steps(scale_run, byte_data, tmp_path):

@@ -180,6 +180,8 @@ def check_resume(ckpt, path, cfg, vocab_size):
     the command line changes, which the resumed run applies."""
     saved = {**DEFAULTS, **ckpt["config"]}  # a key added since the checkpoint was written: its default
     for key in KEPT_ON_RESUME:
+        if key == "bf16" and cfg.dtype != "bfloat16":
+            continue  # read only with dtype=bfloat16
         if saved[key] != getattr(cfg, key):
             raise ValueError(f"{path} was saved with {key}={saved[key]!r}, the config says {getattr(cfg, key)!r}; "
                              f"a resumed run keeps {key}: resume with --{key}={saved[key]!r}, or start a new run "
