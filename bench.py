@@ -76,6 +76,9 @@ def bench_optimizer(args):
           f"steps after {args.warmup} warmup (eager SCALE: 5 steps in turn with AdamW alone, apart from the compiled "
           f"step, which its temporaries would slow)")
     for dtype in args.dtype:
+        # a fresh compile cache per dtype, as train.py's one process has: 3 roles x (nearest, stochastic) graphs of
+        # normalized_update_ in bf16 after fp32's 3 would pass dynamo's cache limit of 8 and run the rest eagerly
+        torch._dynamo.reset()
         torch.manual_seed(0)
         model = LLaMA(LLAMA_60M).to(device, getattr(torch, dtype))
         for p in model.parameters():
