@@ -313,6 +313,9 @@ def test_resume_keeps_bf16_only_in_bfloat16():
     ckpt["config"]["dtype"] = "bfloat16"
     with pytest.raises(ValueError, match=r"^ckpt.pt was saved with bf16='stochastic', the config says 'paper'; "):
         train.check_resume(ckpt, "ckpt.pt", cfg, 257)
+    del ckpt["config"]["bf16"]  # a checkpoint from before the bf16 key: pure bf16, as sample.py loads it
+    with pytest.raises(ValueError, match=r"^ckpt.pt was saved with bf16='paper', the config says 'stochastic'; "):
+        train.check_resume(ckpt, "ckpt.pt", load_config(["--dtype=bfloat16"]), 257)
 
 
 def test_resume_refuses_another_vocab_or_fewer_steps(scale_run, byte_data, tmp_path):

@@ -178,7 +178,8 @@ def read_checkpoint(path, resuming=True):
 def check_resume(ckpt, path, cfg, vocab_size):
     """Refuse a resume that would change what KEPT_ON_RESUME fixes -> {key: (saved, now)} of the other keys
     the command line changes, which the resumed run applies."""
-    saved = {**DEFAULTS, **ckpt["config"]}  # a key added since the checkpoint was written: its default
+    # a key added since the checkpoint was written: its default, but bf16: a run from before it was pure bf16
+    saved = {**DEFAULTS, "bf16": "paper", **ckpt["config"]}
     for key in KEPT_ON_RESUME:
         if key == "bf16" and cfg.dtype != "bfloat16":
             continue  # read only with dtype=bfloat16
