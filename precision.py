@@ -47,12 +47,11 @@ def train(args, out_dir):
 
 
 def run(mode, seed, out_dir, extra):
-    """One mode's run and its late step -> dict(val_loss, tokens_per_s, unchanged, gains_moved) (shares in [0, 1]).
-    extra: more train.py arguments."""
+    """One mode's run and its late step -> dict(log (compare.read_log's), unchanged, gains_moved) (shares in
+    [0, 1]). extra: more train.py arguments."""
     out = os.path.join(out_dir, mode.replace(" ", "_"), f"seed{seed}")
     args = [*RECIPE, *MODES[mode], f"--seed={seed}", *extra]
     train(args, out)
-    summary = compare.summarize(mode, [compare.read_log(os.path.join(out, "log.jsonl"))])
     late = out + "_late_step"
     shutil.rmtree(late, ignore_errors=True)
     shutil.copytree(out, late)
@@ -62,27 +61,24 @@ def run(mode, seed, out_dir, extra):
     matrices = [name for name, t in before.items() if t.ndim == 2]
     unchanged = sum((before[n] == after[n]).sum().item() for n in matrices) / sum(before[n].numel() for n in matrices)
     gains = torch.cat([t.float() for name, t in before.items() if "norm" in name])
-    return dict(val_loss=summary["val_loss"], tokens_per_s=summary["tokens_per_s"], unchanged=unchanged,
+    return dict(log=compare.read_log(os.path.join(out, "log.jsonl")), unchanged=unchanged,
                 gains_moved=(gains != 1.0).float().mean().item())
 
 
-def mean_std(values):
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def markdown(results, seeds):
-    """results: {mode: [run's dict per seed]} -> the table, with float32's row (if run) as the reference."""
-    base = statistics.mean(r["val_loss"] for r in results["float32"]) if "float32" in results else None
+    """results: {mode: [run's dict per seed]} -> the table, with float32's row (if run) as the reference. The val
+    loss (mean and std over the seeds) and tokens/s are compare.summarize's, as compare.py's table has them."""
+    rows = {mode: compare.summarize(mode, [r["log"] for r in runs]) for mode, runs in results.items()}
+    base = rows["float32"]["val_loss"] if "float32" in rows else None
     head = f"val loss (mean ± std, {len(seeds)} seeds)" if len(seeds) > 1 else "val loss"
     lines = [f"| mode | {head} | vs float32 | 2-D entries a late step leaves unchanged | RMSNorm gains != 1.0 | "
              "tokens/s |", "|---|---|---|---|---|---|"]
     for mode, runs in results.items():
-        loss, std = mean_std([r["val_loss"] for r in runs])
+        loss, std = rows[mode]["val_loss"], rows[mode]["val_loss_std"]
         vs = f"{loss / base - 1:+.2%}" if base else "n/a"
         lines.append(f"| {mode} | {loss:.4f}{f' ± {std:.4f}' if std is not None else ''} | {vs} | "
                      f"{statistics.mean(r['unchanged'] for r in runs):.1%} | "
-                     f"{statistics.mean(r['gains_moved'] for r in runs):.1%} | "
-                     f"{statistics.median(r['tokens_per_s'] for r in runs):,.0f} |")
+                     f"{statistics.mean(r['gains_moved'] for r in runs):.1%} | {rows[mode]['tokens_per_s']:,.0f} |")
     return "\n".join(lines)
 
 

@@ -140,3 +140,24 @@ def test_bad_input_fails_before_any_run(byte_data, tmp_path, monkeypatch, argv, 
                       "--out_dir", str(tmp_path / "cmp"), "--", *tiny_args(byte_data), *argv[cut + 1:]])
     assert str(e.value).startswith(message), str(e.value)
     assert not ran and not (tmp_path / "cmp").exists()
+
+
+def fake_log(val_loss, tokens_per_s):
+    """A run's log as compare.read_log returns it, with one start, two train and one eval record."""
+    return {"start": [{"config": {"lr": 3e-4}, "param_bytes": 100}],
+            "train": [{"tokens_per_s": 1.0, "opt_state_bytes": 10, "peak_mem_bytes": None},
+                      {"tokens_per_s": tokens_per_s, "opt_state_bytes": 10, "peak_mem_bytes": None}],
+            "eval": [{"val_loss": val_loss}]}
+
+
+def test_precision_table_is_against_float32_over_seeds():
+    import precision
+    results = {"float32": [dict(log=fake_log(2.0, 500.0), unchanged=0.03, gains_moved=1.0),
+                           dict(log=fake_log(2.2, 700.0), unchanged=0.05, gains_moved=1.0)],
+               "bf16 paper": [dict(log=fake_log(2.2, 100.0), unchanged=0.7, gains_moved=0.0),
+                              dict(log=fake_log(2.4, 300.0), unchanged=0.8, gains_moved=0.0)]}
+    assert precision.markdown(results, [0, 1]).splitlines() == [
+        "| mode | val loss (mean ± std, 2 seeds) | vs float32 | 2-D entries a late step leaves unchanged "
+        "| RMSNorm gains != 1.0 | tokens/s |", "|---|---|---|---|---|---|",
+        "| float32 | 2.1000 ± 0.1414 | +0.00% | 4.0% | 100.0% | 600 |",  # tokens/s: median of 500, 700
+        "| bf16 paper | 2.3000 ± 0.1414 | +9.52% | 75.0% | 0.0% | 200 |"]
