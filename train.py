@@ -426,8 +426,9 @@ def check_inputs(cfg, rank=0, world_size=1):
     """Check the data and the model shape of a config before anything runs -> (TrainBatches, LLaMAConfig).
     A data_dir named after a bundled sample (data/kjv_byte) is first prepared from it if it has no dataset yet.
     Raises DataError or ValueError with a one-line message."""
-    if bundled_source(cfg.data_dir):  # on first use; safe for all ranks (or runs) at once
-        prepare_once(cfg.data_dir, bundled_source(cfg.data_dir))
+    source = bundled_source(cfg.data_dir)
+    if source:  # on first use; safe for all ranks (or runs) at once
+        prepare_once(cfg.data_dir, source)
     batches = TrainBatches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.total_batch_size, rank, world_size, cfg.seed)
     val_batches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rank, world_size)  # checks when called
     return batches, LLaMAConfig.from_config(vars(cfg), batches.vocab_size)
