@@ -12,7 +12,8 @@ The parts, each in its own process with its own time limit (tests and memory sid
              makes them), from torch.cuda.memory_allocated, next to compare.py --memory's estimate (compare.memory_gb)
   model      training tokens/s, MFU, peak memory and compile time at 60M, 350M and 1B in bf16 with torch.compile,
              seq_len 256, and LlamaForCausalLM + fused AdamW stepped in turn at 60M and 350M (bench.measure_training)
-  optimizer  the compiled SCALE step against fused AdamW at the 60M and 1B shapes, fp32 and bf16 params
+  optimizer  the compiled SCALE step against fused AdamW at the 60M and 1B shapes, fp32 and bf16 params; in bf16 also
+             with stochastic rounding, and its extra time as a share of the model part's training step at 60M and 1B
 A measurement that fails is a FAIL row with a one-line reason; one that would not finish in its part's time left is
 a skipped row; a part that crashes or overruns is stopped, keeping its finished rows. The report comes last.
 """
@@ -336,16 +337,34 @@ def model_section(rows):
     return lines + ([""] + notes if notes else [])
 
 
-def optimizer_section(rows):
+def training_step_ms(model_rows):
+    """The model part's rows -> {size: ms of our training step (forward, backward, SCALE step)}."""
+    step_ms = {}
+    for row in model_rows:
+        if not status(row):
+            ours = row["result"]["rows"][bench.OURS]
+            step_ms[row["size"]] = 1e3 * ours["batch_size"] * row["result"]["seq_len"] / ours["tokens_per_s"]
+    return step_ms
+
+
+def optimizer_section(rows, model_rows=()):
+    """The optimizer part's table; where the model part measured the size, stochastic rounding's extra time is
+    also given as a share of our training step there (its batch)."""
+    step_ms = training_step_ms(model_rows)
     lines = ["## Optimizer step: compiled SCALE against fused AdamW, median of steps in turn", "",
              "| shape | params | AdamW step | SCALE step | SCALE / AdamW | SCALE's first step (compile) "
-             "| with stochastic rounding (bf16) |", "|---|---|---|---|---|---|---|"]
+             "| with stochastic rounding (bf16): vs nearest, its extra time in a training step |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         if status(row):
             lines.append(f"| {row['size']} | {row['dtype']} | {cell(status(row))} | | | | |")
             continue
         r = row["result"]
-        sr = f"{r['sr_ms']:.2f} ms ({r['sr_ms'] / r['scale_ms']:.2f}x nearest)" if r["sr_ms"] is not None else ""
+        sr = ""
+        if r["sr_ms"] is not None:
+            sr = f"{r['sr_ms']:.2f} ms ({r['sr_ms'] / r['scale_ms']:.2f}x nearest)"
+            if row["size"] in step_ms:
+                sr += f", {(r['sr_ms'] - r['scale_ms']) / step_ms[row['size']]:+.2%} of a training step"
         lines.append(f"| {row['size']} | {row['dtype']} | {r['adamw_ms']:.2f} ms | {r['scale_ms']:.2f} ms | "
                      f"{r['scale_ms'] / r['adamw_ms']:.2f}x | {r['first_scale_step_s']:.1f} s | {sr} |")
     return lines
@@ -366,8 +385,10 @@ def report(args, machine, done, started):
             lines += tests_section(rows)
         elif part == "memory":
             lines += memory_section(rows, args.device == "cuda")
-        else:
-            lines += model_section(rows) if part == "model" else optimizer_section(rows)
+        elif part == "model":
+            lines += model_section(rows)
+        else:  # with the model part's rows, for stochastic rounding's share of a training step
+            lines += optimizer_section(rows, done.get("model", ([], ""))[0])
         lines += ["", f"{part}: {problem}"] if problem else []
         lines.append("")
     return "\n".join(lines)

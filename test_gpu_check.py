@@ -30,6 +30,7 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     assert "\n2 passed\n" in report and "FAIL" not in report and "skipped" not in report and "not run" not in report
     lines = report.splitlines()
     assert sum(line.startswith("| tiny | ") for line in lines) == 2 + 2 + 2  # memory, training, optimizer rows
+    assert sum(line.startswith("| tiny | bfloat16 |") and line.endswith("of a training step |") for line in lines) == 1
     for line in (line for line in lines if line.startswith("| tiny | scale |") or line.startswith("| tiny | adamw |")):
         measured, estimate = (float(cell.split()[0]) for cell in line.split(" | ")[5:7])
         assert estimate < measured < 1.01 * estimate  # the estimate, but for the fp32 1-D params and their state
@@ -81,6 +82,19 @@ def test_report_shows_failures_skips_and_parts_out_of_time():
     assert "| llama_60m | scale | FAIL: OutOfMemoryError: CUDA out of memory |" in text
     assert "| llama_1b | skipped: 30 s of the part's time left, about 100 s needed | 64 |" in text
     assert "model: stopped: out of time" in text and "## optimizer: not run, out of time" in text
+
+
+def test_stochastic_rounding_s_extra_time_is_given_as_a_share_of_the_training_step_of_the_same_size():
+    ours = dict(batch_size=4, tokens_per_s=4 * 256 / 8e-3, mfu=None, peak_bytes=None, first_step_s=1.0)  # 8 ms a step
+    model = [dict(size="llama_60m", batch=4, loss_chunks=4,
+                  result=dict(rows={gpu_check.bench.OURS: ours}, notes=[], seq_len=256))]
+    step = dict(adamw_ms=1.0, scale_ms=0.5, sr_ms=0.6, first_scale_step_s=2.0)
+    optimizer = [dict(size=size, dtype="bfloat16", result=step) for size in ("llama_60m", "llama_1b")]
+    row = "| {} | bfloat16 | 1.00 ms | 0.50 ms | 0.50x | 2.0 s | 0.60 ms (1.20x nearest){} |"
+    # 0.1 ms more of an 8 ms step; llama_1b has no model row to compare with
+    assert gpu_check.optimizer_section(optimizer, model)[-2:] == [
+        row.format("llama_60m", ", +1.25% of a training step"), row.format("llama_1b", "")]
+    assert gpu_check.optimizer_section(optimizer)[-2:] == [row.format("llama_60m", ""), row.format("llama_1b", "")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
