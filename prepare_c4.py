@@ -17,6 +17,7 @@ import glob
 import gzip
 import itertools
 import json
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -34,6 +35,7 @@ from data import DataError, token_dtype, write_meta, write_shard
 
 C4_FILES = {"train": "en/c4-train.{:05d}-of-01024.json.gz", "val": "en/c4-validation.{:05d}-of-00008.json.gz"}
 CHUNK_DOCS = 512  # documents per work item; fixed, so the output does not depend on --workers
+PROGRESS_S = 10  # seconds between progress lines when stderr is not a terminal (a log file)
 JSON = json.JSONDecoder(strict=False)  # allows raw control characters (a tab, a NUL) in strings, as scraped text has
 
 
@@ -152,6 +154,15 @@ def tokenize_split(split, chunks, pool, args):
         names.append(f"{split}_{len(names):06d}.bin")
         write_shard(os.path.join(args.out_dir, names[-1] + ".new"), tokens)
 
+    # progress: rewritten in place on a terminal; in a log file, a line every PROGRESS_S seconds and the last
+    tty, shown, last_shown = sys.stderr.isatty(), None, -math.inf
+    start, end = ("\r", "") if tty else ("", "\n")
+
+    def show_progress():
+        note = f" ({n_repaired:,} repaired: invalid UTF-8 or lone surrogates became U+FFFD)" if n_repaired else ""
+        print(f"{start}{split}: {n_docs:,} docs{note}, {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} "
+              "tokens/s", end=end, file=sys.stderr, flush=True)
+
     try:
         work = functools.partial(tokenize, args.tokenizer)
         for docs, repaired, tokens in pool.imap(work, chunks) if pool else map(work, chunks):
@@ -162,11 +173,14 @@ def tokenize_split(split, chunks, pool, args):
                 joined = np.concatenate(buf)
                 flush(joined[:args.shard_tokens])
                 buf = [joined[args.shard_tokens:]]
-            note = f" ({n_repaired:,} repaired: invalid UTF-8 or lone surrogates became U+FFFD)" if n_repaired else ""
-            print(f"\r{split}: {n_docs:,} docs{note}, {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} "
-                  "tokens/s", end="", file=sys.stderr, flush=True)
+            if tty or time.time() - last_shown >= PROGRESS_S:
+                show_progress()
+                shown, last_shown = n_docs, time.time()
+        if shown != n_docs:
+            show_progress()
     finally:
-        print(file=sys.stderr)
+        if tty:
+            print(file=sys.stderr)
     if sum(map(len, buf)):
         flush(np.concatenate(buf))
     return {"shards": names, "tokens": n_tokens, "documents": n_docs, "repaired_documents": n_repaired,
