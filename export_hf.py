@@ -2,12 +2,13 @@
 Export a train.py checkpoint as a Hugging Face model directory, for transformers' generate and lm-evaluation-harness:
 
     python export_hf.py --ckpt out/tiny/ckpt.pt --out_dir hf/tiny
-    lm_eval --model hf --model_args pretrained=hf/tiny --tasks hellaswag --batch_size 16
+    lm_eval --model hf --model_args pretrained=hf/tiny,add_bos_token=True --tasks hellaswag --batch_size 16
 
 The directory holds config.json, generation_config.json and model.safetensors, written by
 transformers.LlamaForCausalLM.save_pretrained (model.py is the same network: the logits are ours), in the
 checkpoint's param dtype (bf16 for dtype=bfloat16, else fp32), and the checkpoint's tiktoken tokenizer converted by
-transformers' TikTokenConverter (tokenizer.json, tokenizer_config.json; <|endoftext|> is its bos and eos token), so
+transformers' TikTokenConverter (tokenizer.json, tokenizer_config.json; <|endoftext|> is its bos and eos token, and
+the tokenizer starts each text with it, as the training documents start), so
 AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it offline. Needs transformers
 (pip install transformers); the rest of the repo does not.
 """
@@ -66,9 +67,11 @@ def hf_model(model, eot_id=None):
 
 def hf_tokenizer(enc, eot_id, context):
     """A tiktoken Encoding -> a transformers fast tokenizer that encodes as it does (byte-level BPE with its ranks,
-    pattern and special tokens), with the eot token as bos and eos and model_max_length = context. Raises ValueError
-    if the conversion does not encode CHECK_TEXTS exactly as tiktoken does."""
+    pattern and special tokens), with the eot token as bos and eos, added before each text (add_special_tokens=False:
+    not), and model_max_length = context. Raises ValueError if the conversion does not encode CHECK_TEXTS exactly as
+    tiktoken does."""
     transformers = import_transformers()
+    from tokenizers import processors  # transformers' own dependency
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     class FromRanks(TikTokenConverter):  # the ranks in memory, not a .tiktoken file (which tiktoken caches by path)
@@ -81,13 +84,18 @@ def hf_tokenizer(enc, eot_id, context):
     added = [special.get(i, f"<|unused_{i}|>") for i in range(len(ranks), enc.n_vocab)]
     converted = FromRanks(vocab_file=ranks, pattern=enc._pat_str, extra_special_tokens=added).converted()
     eot = enc.decode([eot_id])
+    # every training document starts with eot: tok(text) starts with it too, as sample.py's prompt does (and
+    # lm-evaluation-harness's add_bos_token asks the tokenizer for it); tok(text, add_special_tokens=False) does not
+    converted.post_processor = processors.Sequence([converted.post_processor, processors.TemplateProcessing(
+        single=f"{eot} $A", pair=f"{eot} $A {eot} $B", special_tokens=[(eot, eot_id)])])
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=eot, eos_token=eot,
                                                model_max_length=context)
     for text in CHECK_TEXTS:
-        ours, theirs = enc.encode(text, allowed_special="all"), tok.encode(text)
-        if ours != theirs:
+        ours = [eot_id, *enc.encode(text, allowed_special="all")]
+        theirs = tok.encode(text)
+        if ours != theirs or tok.encode(text, add_special_tokens=False) != ours[1:]:
             raise ValueError(f"the Hugging Face conversion of tokenizer {enc.name} encodes {text!r} as {theirs}, "
-                             f"tiktoken as {ours}; nothing was written (please report this)")
+                             f"tiktoken (after {eot}) as {ours}; nothing was written (please report this)")
     return tok
 
 

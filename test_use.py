@@ -267,8 +267,11 @@ def test_exported_byte_tokenizer_loads_offline_and_encodes_like_tiktoken(runs, t
     transformers = pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
     tok = transformers.AutoTokenizer.from_pretrained(hf_export(runs["float32"], tmp_path), local_files_only=True)
     enc = tiktoken_byte()
-    for text in TEXTS:
-        assert tok.encode(text) == enc.encode(text, allowed_special="all"), text
+    for text in TEXTS:  # a text starts with <|endoftext|>, as every training document, unless asked not to
+        ids = enc.encode(text, allowed_special="all")
+        assert tok.encode(text) == [256, *ids] and tok.encode(text, add_special_tokens=False) == ids, text
+        assert tok.decode(tok.encode(text), skip_special_tokens=True) == text.replace("<|endoftext|>", ""), text
+    assert tok("a", "b").input_ids == [256, 97, 256, 98]  # a pair as two documents
     assert (tok.eos_token, tok.eos_token_id, tok.bos_token_id, tok.model_max_length) == ("<|endoftext|>", 256, 256, 32)
 
 
@@ -303,7 +306,7 @@ def test_bpe_tokenizer_conversion_encodes_like_tiktoken(tmp_path):
     readme = open(os.path.join(HERE, "README.md")).read()
     for text in TEXTS + ("the fim<|fim|>token", " the the  the\n the", readme[:3000], readme[-3000:]):
         ids = enc.encode(text, allowed_special="all")
-        assert tok.encode(text) == ids, text
+        assert tok.encode(text, add_special_tokens=False) == ids and tok.encode(text) == [406, *ids], text
         assert tok.decode(ids) == enc.decode(ids)
         merged += sum(i >= 256 for i in ids)
     assert merged > 100  # the merges were used, not only bytes
@@ -318,8 +321,8 @@ def test_conversion_that_does_not_encode_like_tiktoken_writes_nothing(runs, tmp_
     monkeypatch.setattr(export_hf, "CHECK_TEXTS", ("x",))
     out = tmp_path / "hf"
     message = exit_message(export_hf.main, ["--ckpt", ckpt_of(runs["float32"]), "--out_dir", str(out)])
-    assert message == ("error: the Hugging Face conversion of tokenizer odd encodes 'x' as [120], tiktoken as [0]; "
-                       "nothing was written (please report this)")
+    assert message == ("error: the Hugging Face conversion of tokenizer odd encodes 'x' as [256, 120], tiktoken (after "
+                       "<|endoftext|>) as [256, 0]; nothing was written (please report this)")
     assert os.listdir(tmp_path) == []
 
 
