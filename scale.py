@@ -80,16 +80,26 @@ class SCALE(torch.optim.Optimizer):
         defaults = dict(lr=lr, lr0=lr, momentum=momentum, weight_decay=weight_decay,
                         momentum_roles=tuple(momentum_roles), adam_lr=lr if adam_lr is None else adam_lr,
                         adam_betas=tuple(adam_betas), adam_eps=adam_eps, bf16_rounding=bf16_rounding, seed=seed)
+        self._index = {}  # {id(p): p's index in the optimizer}, in the order add_param_group meets them
         super().__init__(with_roles(params), defaults)
-        for group in self.param_groups:
-            if group["role"] not in ROLES:
-                raise ValueError(f"unknown role {group['role']!r}: use one of {', '.join(ROLES)}")
-            if group["role"] != "vector" and any(p.ndim < 2 for p in group["params"]):
-                raise ValueError(f"role {group['role']!r} needs tensors of 2+ dims; give 1-D params role 'vector'")
         self._normalized_update = torch.compile(normalized_update_, dynamic=False) if compile else normalized_update_
         self._adamw_update = torch.compile(adamw_update_, dynamic=False) if compile else adamw_update_
         self._scalar_tensors = {}  # {(key, device): {name: 0-D fp32 or int32 tensor}}, see _scalars
-        self._index = {id(p): k for k, p in enumerate(p for group in self.param_groups for p in group["params"])}
+
+    def add_param_group(self, param_group):
+        """torch.optim.Optimizer's (called by __init__ for each group), for a group with a role: its params get the
+        next indices in the optimizer (for stochastic rounding's bits). Raises ValueError, and adds nothing, on a
+        role that is missing or unknown, or a role other than "vector" with a tensor of fewer than 2 dims."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        role = param_group.get("role")
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+        if role != "vector" and any(p.ndim < 2 for p in params):
+            raise ValueError(f"role {role!r} needs tensors of 2+ dims; give 1-D params role 'vector'")
+        super().add_param_group({**param_group, "params": params})
+        for p in params:
+            self._index.setdefault(id(p), len(self._index))
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -217,6 +217,25 @@ def test_stochastic_rounding_depends_on_seed_not_on_blocks(monkeypatch):
     assert "step" not in opt.state[nearest.lm_head.weight] and nearest.emb.weight not in opt.state
 
 
+def test_a_group_added_after_construction_steps_as_one_given_at_construction():
+    base, _ = sr_run()
+    torch.manual_seed(0)
+    model = Toy().to(torch.bfloat16)
+    groups = scale_param_groups(model)
+    opt = SCALE(groups[:1], lr=1e-3, bf16_rounding="stochastic")
+    for group in groups[1:]:
+        opt.add_param_group(group)  # the defaults fill the rest, and each param gets the next index, as in __init__
+    for step in range(3):
+        random_grads(model, step)
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), model.parameters()))
+    with pytest.raises(ValueError, match=r"^unknown role None: use one of matrix, embedding, output, vector$"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(4, 4))]})
+    with pytest.raises(ValueError, match=r"^role 'output' needs tensors of 2\+ dims; give 1-D params role 'vector'$"):
+        opt.add_param_group({"params": nn.Parameter(torch.randn(4)), "role": "output"})
+    assert len(opt.param_groups) == len(groups) and len(opt._index) == len(list(model.parameters()))  # none added
+
+
 def test_stochastic_rounding_has_no_effect_on_fp32_params():
     models = [Toy() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
