@@ -411,7 +411,8 @@ def test_damaged_checkpoint_is_one_line_and_the_previous_one_resumes(scale_run, 
         f.write({"truncated": data[:-1000], "empty": b"", "not a checkpoint": b"hello\n" * 100}[damage])
     p = run_subprocess(tiny_args(byte_data, out, resume=True, max_steps=40))
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
-    assert p.stderr.startswith(f"error: {path} is damaged and cannot be read (")
+    assert p.stderr.startswith(f"error: {path} is not a train.py checkpoint (not a file torch.save writes);"
+                               if damage == "not a checkpoint" else f"error: {path} is damaged and cannot be read (")
     assert p.stderr.endswith(f"); move it away and re-run to resume from the previous checkpoint, {out}/ckpt_prev.pt\n")
     os.rename(path, path + ".damaged")
     p = run_subprocess(tiny_args(byte_data, out, resume=True, max_steps=40))

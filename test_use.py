@@ -185,25 +185,34 @@ def test_cuda_without_a_gpu_is_one_line(runs):
         "error: device cuda is not here: this machine has 0 CUDA device(s) (none); use --device=cpu")
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "empty", "a dir without one"])
-def test_missing_or_damaged_checkpoint_is_one_line(runs, tmp_path, damage):
+@pytest.mark.parametrize("damage", ["missing", "truncated", "empty", "a dir without one", "another file",
+                                    "another torch file"])
+def test_missing_damaged_or_other_checkpoint_is_one_line(runs, tmp_path, damage):
     path = str(tmp_path / "ckpt.pt")
     data = open(ckpt_of(runs["float32"]), "rb").read()
-    if damage != "missing":
+    if damage == "another torch file":
+        torch.save({"model": {}, "step": 3}, path)
+    elif damage != "missing":
         with open(path, "wb") as f:
-            f.write({"truncated": data[:len(data) // 2], "empty": b"", "a dir without one": b""}[damage])
+            f.write({"truncated": data[:len(data) // 2], "empty": b"", "a dir without one": b"",
+                     "another file": b"# README\n"}[damage])
     if damage == "a dir without one":
         os.remove(path)
         path = str(tmp_path)
     message = exit_message(sample.main, ["--ckpt", path])
+    rest = "; no earlier checkpoint is kept next to it: pass another one"
     expected = {"missing": f"error: no checkpoint at {path}; pass a train.py checkpoint, e.g. --ckpt out/tiny/ckpt.pt",
                 "a dir without one": f"error: {path} holds no ckpt.pt; pass a train.py checkpoint or the out_dir of a "
-                                     "run that wrote one"}
+                                     "run that wrote one",
+                "empty": f"error: {path} is damaged and cannot be read (it is empty){rest}",
+                "another file": f"error: {path} is not a train.py checkpoint (not a file torch.save writes){rest}",
+                "another torch file": f"error: {path} is not a train.py checkpoint (it has no 'config', 'optimizers', "
+                                      f"'rng'){rest}"}
     if damage in expected:
         assert message == expected[damage]
     else:
-        assert message.startswith(f"error: {path} is damaged and cannot be read (")
-        assert message.endswith("); no earlier checkpoint is kept next to it: pass another one")
+        assert message.startswith(f"error: {path} is damaged and cannot be read (RuntimeError: ")
+        assert message.endswith(rest)
 
 
 def test_damaged_checkpoint_names_the_previous_one(runs, tmp_path):

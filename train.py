@@ -128,6 +128,7 @@ def set_rng_states(states):
 
 
 CKPT, PREV_CKPT, LOG = "ckpt.pt", "ckpt_prev.pt", "log.jsonl"  # in out_dir
+CKPT_KEYS = ("step", "config", "model", "optimizers", "rng")  # what every checkpoint holds (save_checkpoint)
 # a resumed run keeps these from its checkpoint (a different value is an error); it takes every other key from
 # its command line (lr, schedule, batch_size, eval, logging and checkpoint settings, compile, data_dir, ...)
 KEPT_ON_RESUME = SHAPE + ("optimizer", "momentum_roles", "dtype", "bf16", "seq_len", "total_batch_size", "seed")
@@ -156,14 +157,27 @@ def latest_checkpoint(out_dir):
 
 def read_checkpoint(path, resuming=True):
     """torch.load a checkpoint (memory-mapped, weights only) -> dict; a file that cannot be read is a one-line
-    ValueError that names it and says how to resume from the previous checkpoint (resuming=False: that the
-    previous checkpoint can be used instead, for sample.py, eval.py and export_hf.py)."""
+    ValueError that names it, says whether it is damaged (a torch.save file that cannot be read, or empty) or not
+    a checkpoint (another kind of file, or a torch.save file without a checkpoint's keys), and says how to resume
+    from the previous checkpoint (resuming=False: that the previous checkpoint can be used instead, for sample.py,
+    eval.py and export_hf.py)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        ckpt["step"], ckpt["config"], ckpt["model"], ckpt["optimizers"], ckpt["rng"]  # KeyError if incomplete
-        return ckpt
     except Exception as e:  # truncated, empty, not a checkpoint: torch raises several kinds
-        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":  # a zip archive, as torch.save writes
+            error = str(e).splitlines()[0] if str(e) else ""
+            what, why = "is damaged and cannot be read", f"{type(e).__name__}: {error}"
+        elif not head:
+            what, why = "is damaged and cannot be read", "it is empty"
+        else:
+            what, why = "is not a train.py checkpoint", "not a file torch.save writes"
+    else:
+        missing = [key for key in CKPT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+        if not missing:
+            return ckpt
+        what, why = "is not a train.py checkpoint", f"it has no {', '.join(map(repr, missing))}"
     prev = os.path.join(os.path.dirname(path), PREV_CKPT)
     if os.path.basename(path) != PREV_CKPT and os.path.exists(prev):
         advice = (f"move it away and re-run to resume from the previous checkpoint, {prev}" if resuming else
@@ -172,7 +186,7 @@ def read_checkpoint(path, resuming=True):
         advice = "no earlier checkpoint is kept next to it: pass another one"
     else:
         advice = "no earlier checkpoint is kept: start over with --overwrite=True or another --out_dir"
-    raise ValueError(f"{path} is damaged and cannot be read ({why}); {advice}")
+    raise ValueError(f"{path} {what} ({why}); {advice}")
 
 
 def check_resume(ckpt, path, cfg, vocab_size):
