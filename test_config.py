@@ -19,15 +19,30 @@ def test_every_default_is_allowed():
 
 
 def test_help_lists_every_key_with_default_allowed_values_and_meaning(capsys):
-    train.main(["configs/tiny.py", "--help"])
+    train.main(["--help"])
     out = capsys.readouterr().out
-    assert out.startswith(train.__doc__)
+    assert out.startswith(train.__doc__ + "\nkeys, defaults and allowed values:\n")
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
     assert list(lines) == [f"--{k}={v!r}" for k, v in DEFAULTS.items()]
     assert lines["--momentum=0.9"].split(None, 1)[1] == KEYS["momentum"][2] + "; in [0, 1)"
     assert lines["--dim=512"].split(None, 1)[1] == "model width; > 0"
     assert lines["--dtype='bfloat16'"].split(None, 1)[1] == KEYS["dtype"][2] + "; one of float32, bfloat16, mixed"
     assert lines["--compile=True"].split(None, 1)[1] == KEYS["compile"][2] + "; a bool"
+
+
+def test_help_after_a_config_shows_its_values_and_the_defaults_they_change(capsys):
+    train.main(["configs/tiny.py", "--dim=96", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(train.__doc__ + "\nkeys, values of configs/tiny.py --dim=96 and allowed values:\n")
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
+    cfg = load_config(["configs/tiny.py", "--dim=96"])
+    assert list(lines) == [f"--{k}={getattr(cfg, k)!r}" for k in DEFAULTS]
+    assert lines["--dim=96"].split(None, 1)[1] == "model width; > 0 (default 512)"
+    assert lines["--momentum=0.9"].split(None, 1)[1] == KEYS["momentum"][2] + "; in [0, 1)"  # tiny's is the default
+    assert lines["--dtype='float32'"].endswith("; one of float32, bfloat16, mixed (default 'bfloat16')")
+    with pytest.raises(SystemExit) as e:
+        train.main(["configs/tiny.py", "--dim=0", "--help"])
+    assert e.value.code == "error: dim must be > 0, got 0 in --dim=0"
 
 
 def test_config_file_then_overrides(tmp_path):

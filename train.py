@@ -8,7 +8,7 @@ Pretrain LLaMA on C4 with SCALE, AdamW, Muon or SGD. The same file runs one CPU 
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT train.py ... --fsdp=True
 
 The config is config.py's DEFAULTS (the paper's shared recipe), then each config file, then each --key=value
-(python train.py --help lists every key).
+(python train.py --help lists every key; python train.py CONFIG --help, the values CONFIG gives them).
 Many processes run DDP (a full copy of the model on each), or with fsdp=True FSDP2 (params, grads and optimizer
 state sharded over the ranks). Checkpoints go to out_dir/ckpt.pt, the same for any number of ranks, DDP or FSDP:
 a run may resume on other hardware. resume=True continues from there, or starts from scratch if there is
@@ -616,10 +616,12 @@ def train(cfg):
 
 
 def main(argv):
-    if {"-h", "--help"} & set(argv):
-        print(__doc__ + "\nkeys, defaults and allowed values:\n" + help_text())
-        return
     try:
+        if {"-h", "--help"} & set(argv):  # with the values of the config files and keys given with it
+            given = [arg for arg in argv if arg not in ("-h", "--help")]
+            print(__doc__ + f"\nkeys, {'values of ' + ' '.join(given) if given else 'defaults'} and allowed values:\n"
+                  + help_text(load_config(given)))
+            return
         train(load_config(argv))
     except (ValueError, FloatingPointError) as e:  # bad input (DataError is a ValueError) or divergence
         sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # one line, from rank 0
