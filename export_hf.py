@@ -12,6 +12,7 @@ the tokenizer starts each text with it, as the training documents start), so
 AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it offline. Needs transformers
 (pip install transformers); the rest of the repo does not.
 """
+import json
 import os
 import shutil
 import sys
@@ -89,7 +90,8 @@ def hf_tokenizer(enc, eot_id, context):
     converted.post_processor = processors.Sequence([converted.post_processor, processors.TemplateProcessing(
         single=f"{eot} $A", pair=f"{eot} $A {eot} $B", special_tokens=[(eot, eot_id)])])
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=eot, eos_token=eot,
-                                               model_max_length=context)
+                                               model_max_length=context,
+                                               model_input_names=["input_ids", "attention_mask"])  # as generate takes
     for text in CHECK_TEXTS:
         ours = [eot_id, *enc.encode(text, allowed_special="all")]
         theirs = tok.encode(text)
@@ -97,6 +99,17 @@ def hf_tokenizer(enc, eot_id, context):
             raise ValueError(f"the Hugging Face conversion of tokenizer {enc.name} encodes {text!r} as {theirs}, "
                              f"tiktoken (after {eot}) as {ours}; nothing was written (please report this)")
     return tok
+
+
+def save_tokenizer(tok, out_dir):
+    """tok.save_pretrained(out_dir), its class recorded as PreTrainedTokenizerFast, the name transformers 4.x and
+    5.x both load (5.x records its own TokenizersBackend, which 4.x does not have)."""
+    tok.save_pretrained(out_dir)
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
 
 
 def write_dir(out_dir, overwrite, write):
@@ -132,7 +145,7 @@ def main(argv=None):
         hf, tok = hf_model(model, eot_id), hf_tokenizer(enc, eot_id, model.config.max_seq_len)
     except ValueError as e:  # bad input (DataError is a ValueError)
         sys.exit(f"error: {e}")
-    write_dir(args.out_dir, args.overwrite, lambda d: (hf.save_pretrained(d), tok.save_pretrained(d)))
+    write_dir(args.out_dir, args.overwrite, lambda d: (hf.save_pretrained(d), save_tokenizer(tok, d)))
     print(f"wrote {args.out_dir}: LlamaForCausalLM with the weights of {info['path']} (step {info['step']}, "
           f"{model.num_params():,} parameters in {hf.dtype}) and tokenizer {enc.name}; load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({args.out_dir!r})")

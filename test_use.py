@@ -2,6 +2,7 @@
 the HF export's logits and greedy generate against ours, seeded sampling, the tokenizer conversion against tiktoken
 (offline, on a small BPE trained here), eval against the logged val_loss and 2 processes against 1, bad input.
 CPU, offline; the transformers tests are skipped without it."""
+import json
 import os
 import subprocess
 import sys
@@ -274,7 +275,11 @@ def test_greedy_equals_hf_generate(runs, tmp_path):
 
 def test_exported_byte_tokenizer_loads_offline_and_encodes_like_tiktoken(runs, tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
-    tok = transformers.AutoTokenizer.from_pretrained(hf_export(runs["float32"], tmp_path), local_files_only=True)
+    out = hf_export(runs["float32"], tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    with open(os.path.join(out, "tokenizer_config.json")) as f:  # a class transformers 4.x loads too
+        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert list(tok("x")) == ["input_ids", "attention_mask"]  # what generate(**tok(...)) takes: no token_type_ids
     enc = tiktoken_byte()
     for text in TEXTS:  # a text starts with <|endoftext|>, as every training document, unless asked not to
         ids = enc.encode(text, allowed_special="all")
