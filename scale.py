@@ -92,7 +92,9 @@ class SCALE(torch.optim.Optimizer):
         role that is missing or unknown, or a role other than "vector" with a tensor of fewer than 2 dims."""
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        role = param_group.get("role")
+        if "role" not in param_group:
+            raise ValueError(f"a param group needs a 'role', one of {', '.join(ROLES)}, as scale_param_groups gives")
+        role = param_group["role"]
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
         if role != "vector" and any(p.ndim < 2 for p in params):

@@ -229,7 +229,8 @@ def test_a_group_added_after_construction_steps_as_one_given_at_construction():
         random_grads(model, step)
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(base.parameters(), model.parameters()))
-    with pytest.raises(ValueError, match=r"^unknown role None: use one of matrix, embedding, output, vector$"):
+    with pytest.raises(ValueError, match=r"^a param group needs a 'role', one of matrix, embedding, output, vector, as "
+                                         r"scale_param_groups gives$"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(4, 4))]})
     with pytest.raises(ValueError, match=r"^role 'output' needs tensors of 2\+ dims; give 1-D params role 'vector'$"):
         opt.add_param_group({"params": nn.Parameter(torch.randn(4)), "role": "output"})

@@ -212,7 +212,7 @@ def test_missing_damaged_or_other_checkpoint_is_one_line(runs, tmp_path, damage)
     if damage in expected:
         assert message == expected[damage]
     else:
-        assert message.startswith(f"error: {path} is damaged and cannot be read (RuntimeError: ")
+        assert message.startswith(f"error: {path} is damaged and cannot be read (cut short or corrupted; ")
         assert message.endswith(rest)
 
 
@@ -223,6 +223,10 @@ def test_damaged_checkpoint_names_the_previous_one(runs, tmp_path):
     assert exit_message(sample.main, ["--ckpt", str(tmp_path)]).endswith(
         f"; use the previous checkpoint, {tmp_path}/ckpt_prev.pt, instead")
     sample.main(["--ckpt", str(tmp_path / "ckpt_prev.pt"), "--max_new_tokens", "2"])  # which loads
+    (tmp_path / "log.jsonl").write_text("{}\n")  # another file of the run is not a damaged checkpoint
+    assert exit_message(sample.main, ["--ckpt", str(tmp_path / "log.jsonl")]) == (
+        f"error: {tmp_path}/log.jsonl is not a train.py checkpoint (not a file torch.save writes); pass a train.py "
+        "checkpoint: a run's ckpt.pt, or its out_dir")
 
 
 def test_sample_subprocess_error_is_one_line_on_stderr(tmp_path):

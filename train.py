@@ -168,7 +168,7 @@ def read_checkpoint(path, resuming=True):
             head = f.read(4)
         if head == b"PK\x03\x04":  # a zip archive, as torch.save writes
             error = str(e).splitlines()[0] if str(e) else ""
-            what, why = "is damaged and cannot be read", f"{type(e).__name__}: {error}"
+            what, why = "is damaged and cannot be read", f"cut short or corrupted; {type(e).__name__}: {error}"
         elif not head:
             what, why = "is damaged and cannot be read", "it is empty"
         else:
@@ -179,9 +179,11 @@ def read_checkpoint(path, resuming=True):
             return ckpt
         what, why = "is not a train.py checkpoint", f"it has no {', '.join(map(repr, missing))}"
     prev = os.path.join(os.path.dirname(path), PREV_CKPT)
-    if os.path.basename(path) != PREV_CKPT and os.path.exists(prev):
+    if os.path.basename(path) == CKPT and os.path.exists(prev):  # the run's own, which keeps the one before
         advice = (f"move it away and re-run to resume from the previous checkpoint, {prev}" if resuming else
                   f"use the previous checkpoint, {prev}, instead")
+    elif not resuming and os.path.basename(path) not in (CKPT, PREV_CKPT):
+        advice = "pass a train.py checkpoint: a run's ckpt.pt, or its out_dir"
     elif not resuming:
         advice = "no earlier checkpoint is kept next to it: pass another one"
     else:
