@@ -158,10 +158,10 @@ def tokenize_split(split, chunks, pool, args):
     tty, shown, last_shown = sys.stderr.isatty(), None, -math.inf
     start, end = ("\r", "") if tty else ("", "\n")
 
-    def show_progress():
+    def show_progress():  # in one write, so that an interrupt cannot come between the line and its newline
         note = f" ({n_repaired:,} repaired: invalid UTF-8 or lone surrogates became U+FFFD)" if n_repaired else ""
         print(f"{start}{split}: {n_docs:,} docs{note}, {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} "
-              "tokens/s", end=end, file=sys.stderr, flush=True)
+              f"tokens/s{end}", end="", file=sys.stderr, flush=True)
 
     try:
         work = functools.partial(tokenize, args.tokenizer)
