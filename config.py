@@ -179,12 +179,12 @@ def did_you_mean(word, options):
     return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
-def help_text(cfg=None):
-    """Every key as --key=value, what it means and its allowed values, in DEFAULTS order. The values are the
-    defaults, or those of cfg (a load_config namespace), with the default after any that differs."""
+def help_text(cfg):
+    """Every key as --key=value, what it means and its allowed values, in DEFAULTS order. The values are cfg's (a
+    load_config namespace), with the default after any that differs."""
     lines = []
     for key, (default, allowed, meaning) in KEYS.items():
-        value = default if cfg is None else getattr(cfg, key)
+        value = getattr(cfg, key)
         differs = f" (default {default!r})" if value != default else ""
         lines.append(f"  {f'--{key}={value!r}':28s} {meaning}; {in_words(default, allowed)}{differs}")
     return "\n".join(lines)

@@ -72,9 +72,9 @@ def model_config(name):
 
 
 def measure_memory(name, optimizer, device):
-    """One training step (eager, the run config's dtypes: bf16 by default) with optimizer as train.py makes it: the bytes of the params, grads and
-    optimizer state (allocator deltas on CUDA, tensor sizes elsewhere), the step's peak (CUDA only), and the estimate
-    of params + state in GB by compare.memory_gb (compare.py --memory)."""
+    """One training step (eager, the run config's dtypes: bf16 by default) with optimizer as train.py makes it: the
+    bytes of the params, grads and optimizer state (allocator deltas on CUDA, tensor sizes elsewhere), the step's
+    peak (CUDA only), and the estimate of params + state in GB by compare.memory_gb (compare.py --memory)."""
     device, cuda = torch.device(device), device == "cuda"
     cfg = SimpleNamespace(**{**vars(run_config(name)), "optimizer": optimizer, "compile": False})
     batch = 2 if name == "tiny" else MEMORY_BATCH

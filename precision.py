@@ -71,16 +71,15 @@ def markdown(results, seeds):
     and data order). The val loss (mean and std over the seeds) and tokens/s are compare.summarize's, as
     compare.py's table has them."""
     rows = {mode: compare.summarize(mode, [r["log"] for r in runs]) for mode, runs in results.items()}
-    base = rows["float32"]["val_loss"] if "float32" in rows else None
-    base_per_seed = rows["float32"]["val_losses"] if "float32" in rows else None
+    base = rows.get("float32")
     head = f"val loss (mean ± std, {len(seeds)} seeds)" if len(seeds) > 1 else "val loss"
     lines = [f"| mode | {head} | vs float32 | 2-D entries a late step leaves unchanged | RMSNorm gains != 1.0 | "
              "tokens/s |", "|---|---|---|---|---|---|"]
     for mode, runs in results.items():
         loss, std = rows[mode]["val_loss"], rows[mode]["val_loss_std"]
-        vs = f"{loss / base - 1:+.2%}" if base else "n/a"
+        vs = f"{loss / base['val_loss'] - 1:+.2%}" if base else "n/a"
         if base and len(seeds) > 1 and mode != "float32":  # paired: the same seed's init and data order
-            paired = (f"{a / b - 1:+.2%}" for a, b in zip(rows[mode]["val_losses"], base_per_seed))
+            paired = (f"{a / b - 1:+.2%}" for a, b in zip(rows[mode]["val_losses"], base["val_losses"]))
             vs += f" (per seed: {', '.join(paired)})"
         lines.append(f"| {mode} | {loss:.4f}{f' ± {std:.4f}' if std is not None else ''} | {vs} | "
                      f"{statistics.mean(r['unchanged'] for r in runs):.1%} | "
