@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny generated C4-format corpus (make_corpus.py), and it prepared as bytes."""
 import pytest
 
-from make_corpus import make_c4_source
+from tools.make_corpus import make_c4_source
 
 
 @pytest.fixture(scope="session")

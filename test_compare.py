@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-import compare
+from tools import compare
 from config import load_config
 
 SIZES = compare.PAPER_CONFIGS
@@ -151,7 +151,7 @@ def fake_log(val_loss, tokens_per_s):
 
 
 def test_precision_table_is_against_float32_over_seeds():
-    import precision
+    from tools import precision
     results = {"float32": [dict(log=fake_log(2.0, 500.0), unchanged=0.03, gains_moved=1.0),
                            dict(log=fake_log(2.2, 700.0), unchanged=0.05, gains_moved=1.0)],
                "bf16 paper": [dict(log=fake_log(2.2, 100.0), unchanged=0.7, gains_moved=0.0),

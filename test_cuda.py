@@ -3,7 +3,7 @@ memory; train.py in each optimizer and dtype, at the 60M shape in bf16 with torc
 on the other device, under torchrun (NCCL), and with no host sync in its steps.
 
 A test whose logic runs on CPU too has a "cpu" case, so CI checks it; the "cuda" cases (marker cuda) skip without
-a GPU. On a GPU machine: pytest -m cuda, or python3 gpu_check.py, which runs them and the benchmarks."""
+a GPU. On a GPU machine: pytest -m cuda, or python -m tools.gpu_check, which runs them and the benchmarks."""
 import os
 import shutil
 import subprocess
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import compare
+from tools import compare
 import train
 from model import LinearCrossEntropy, peak_flops
 from test_train import HERE, events, identical, load_ckpt, param_dtype, read_log, start_record, state_bytes_logged, \

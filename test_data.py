@@ -18,7 +18,7 @@ from tiktoken_ext.openai_public import r50k_pat_str
 
 import data
 import prepare_c4
-from make_corpus import make_c4_source, write_c4_file
+from tools.make_corpus import make_c4_source, write_c4_file
 from data import DataError, TrainBatches, open_shard, val_batches
 
 SPLIT_FILES = {"train": ["en/c4-train.00000-of-01024.json.gz", "en/c4-train.00001-of-01024.json.gz"],
@@ -634,7 +634,7 @@ def test_val_too_few_tokens(byte_data):
 
 
 def test_make_corpus_cli_writes_a_c4_layout_and_refuses_to_overwrite(tmp_path):
-    cmd = [sys.executable, "make_corpus.py", "--out_dir", str(tmp_path), "--train_docs", "7", "--val_docs", "3"]
+    cmd = [sys.executable, "-m", "tools.make_corpus", "--out_dir", str(tmp_path), "--train_docs", "7", "--val_docs", "3"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert p.returncode == 0, p.stderr
     names = {"c4-train.00000-of-01024.json.gz": 7, "c4-validation.00000-of-00008.json.gz": 3}

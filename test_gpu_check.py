@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import compare
-import gpu_check
+from tools import compare
+from tools import gpu_check
 from model import LLaMA
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.mark.slow
 def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
-    p = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--tiny"], cwd=HERE, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--tiny"], cwd=HERE, capture_output=True,
                        text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
@@ -101,7 +101,7 @@ def test_stochastic_rounding_s_extra_time_is_given_as_a_share_of_the_training_st
 def test_without_a_gpu_the_check_is_a_one_line_error():
     with pytest.raises(SystemExit) as e:
         gpu_check.main([])
-    assert e.value.code == "error: no CUDA GPU here; for a dry run on CPU: python3 gpu_check.py --device cpu --tiny"
+    assert e.value.code == "error: no CUDA GPU here; for a dry run on CPU: python -m tools.gpu_check --device cpu --tiny"
     with pytest.raises(SystemExit) as e:
         gpu_check.main(["--device", "cpu"])
     assert e.value.code == "error: --device cpu is the dry run: add --tiny"

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-import compare
+from tools import compare
 import train
 from config import DEFAULTS, load_config
 from model import LLaMA, LLaMAConfig

@@ -2,9 +2,9 @@
 What each precision costs in loss: train.py on the bundled King James Bible (configs/tiny.py, byte tokens) at a
 1B-like low lr, once per precision mode, then a markdown table (out_dir/results.md):
 
-    python precision.py                                   # the 5 modes, seed 0
-    python precision.py --modes "bf16 paper,bf16 stochastic" --seeds 0,1,2
-    python precision.py -- --max_steps=400 --total_batch_size=8    # shorter: bf16 matmuls are slow on CPUs without
+    python -m tools.precision                                   # the 5 modes, seed 0
+    python -m tools.precision --modes "bf16 paper,bf16 stochastic" --seeds 0,1,2
+    python -m tools.precision -- --max_steps=400 --total_batch_size=8    # shorter: bf16 matmuls are slow on CPUs without
                                                                    # bf16 units (~10x float32's time on AVX2)
 
 Modes: float32; dtype=bfloat16 with bf16=paper (the paper's pure bf16), fp32_vectors or stochastic; mixed. Each
@@ -25,10 +25,10 @@ import sys
 
 import torch
 
-import compare
+from tools import compare
 from train import CKPT
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the runs: configs/tiny.py's shape and data at the 1B/7B recipe's lrs (warmup 10% and cosine to 0.1, as the paper)
 RECIPE = ["--lr=3e-4", "--adam_lr=1e-3", "--max_steps=1000", "--warmup_steps=100", "--min_lr_ratio=0.1",
           "--eval_every=250", "--ckpt_every=1000"]
@@ -40,7 +40,7 @@ MODES = {"float32": ["--dtype=float32"],
 
 
 def train(args, out_dir):
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), os.path.join(HERE, "configs", "tiny.py"), *args,
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "configs", "tiny.py"), *args,
            f"--out_dir={out_dir}", "--resume=True"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

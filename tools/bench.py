@@ -1,11 +1,11 @@
 """Benchmarks, each printing ratios against a peer measured in the same run.
 
-python bench.py optimizer [--dtype float32 bfloat16] [--device cpu|cuda]   SCALE step vs fused AdamW, state bytes;
+python -m tools.bench optimizer [--dtype float32 bfloat16] [--device cpu|cuda]   SCALE step vs fused AdamW, state bytes;
                                      in bf16, stochastic rounding's step vs round to nearest
-python bench.py model [--cuda]       training tokens/s of model.py vs transformers.LlamaForCausalLM; on CUDA also
+python -m tools.bench model [--cuda]       training tokens/s of model.py vs transformers.LlamaForCausalLM; on CUDA also
                                      MFU, peak memory and compile time at 60M, 350M and 1B (as gpu_check.py)
-python bench.py data [--docs 40000]  prepare_c4.py tokens/s for 1 and 2 workers vs a plain loop; loader latency
-python bench.py fsdp [--config configs/llama_350m.py] [--key=value ...]   train.py on 1 GPU with FSDP vs without
+python -m tools.bench data [--docs 40000]  prepare_c4.py tokens/s for 1 and 2 workers vs a plain loop; loader latency
+python -m tools.bench fsdp [--config configs/llama_350m.py] [--key=value ...]   train.py on 1 GPU with FSDP vs without
 """
 import argparse
 import gzip
@@ -29,7 +29,7 @@ import numpy as np
 import prepare_c4
 from config import paper_config
 from data import TrainBatches, token_dtype, write_meta, write_shard
-from make_corpus import make_c4_source
+from tools.make_corpus import make_c4_source
 from model import LLaMA, LLaMAConfig, peak_flops
 from scale import SCALE, scale_param_groups, state_bytes
 from train import set_param_dtypes
@@ -334,7 +334,7 @@ def random_token_data(data_dir, vocab_size, n_tokens, seed=0):
 
 
 def bench_fsdp(args, train_args):
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")
         random_token_data(data, 32000, 4_000_000)

@@ -1,10 +1,10 @@
 """
 Compare optimizers on one config, and print the paper's memory table.
 
-    python compare.py configs/tiny.py --optimizers scale,adamw,muon --lr adamw=3e-3 -- --max_steps=200
-    python compare.py configs/tiny.py --optimizers scale,adamw --seeds 0,1,2
-    python compare.py --memory
-    python compare.py --memory --gpus 8 --dtype mixed
+    python -m tools.compare configs/tiny.py --optimizers scale,adamw,muon --lr adamw=3e-3 -- --max_steps=200
+    python -m tools.compare configs/tiny.py --optimizers scale,adamw --seeds 0,1,2
+    python -m tools.compare --memory
+    python -m tools.compare --memory --gpus 8 --dtype mixed
 
 Each optimizer runs `train.py` as its own process, in sequence, into out_dir/<optimizer> (with --seeds, one
 run per seed into out_dir/<optimizer>/seed<s>); then a markdown table (results.md) and, if matplotlib is
@@ -126,7 +126,7 @@ def check_runs(args, lrs):
 
 def run_one(args, optimizer, lr, seed):
     argv, out_dir = run_args(args, optimizer, lr, seed)
-    cmd = shlex.split(args.launcher) + [os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *argv]
+    cmd = shlex.split(args.launcher) + [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py"), *argv]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)  # from the caller's directory, like running train.py by hand
     return read_log(os.path.join(out_dir, "log.jsonl"))

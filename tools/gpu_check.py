@@ -2,9 +2,9 @@
 downloads: the tests build their data), that runs the CUDA tests and the GPU benchmarks and prints one markdown
 report, also written to $OUT/gpu_check.md, with each part's output in $OUT/gpu_check_<part>.log, when OUT is set.
 
-    python3 gpu_check.py                          # at most --budget (440) seconds on one H100 or H200
-    python3 gpu_check.py --parts model --sizes llama_60m --batch_size 512 --loss_chunks 1    # one variation
-    python3 gpu_check.py --device cpu --tiny      # a dry run of every part on tiny shapes, on CPU (test_gpu_check.py)
+    python -m tools.gpu_check                          # at most --budget (440) seconds on one H100 or H200
+    python -m tools.gpu_check --parts model --sizes llama_60m --batch_size 512 --loss_chunks 1    # one variation
+    python -m tools.gpu_check --device cpu --tiny      # a dry run of every part on tiny shapes, on CPU (test_gpu_check.py)
 
 The parts, each in its own process with its own time limit (tests and memory side by side, as neither is timed):
   tests      pytest -m cuda (test_cuda.py and any other test marked cuda): each test's result, seconds and reason
@@ -33,15 +33,15 @@ from types import SimpleNamespace
 
 import torch
 
-import bench
-import compare
+from tools import bench
+from tools import compare
 import model as model_py
 import train
 from config import load_config, paper_config
 from model import LLaMA, LLaMAConfig
 from scale import SCALE, scale_param_groups, state_bytes
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("tests", "memory", "model", "optimizer")  # in the order they run; memory runs beside tests
 LIMIT_S = dict(tests=240, memory=90, model=240, optimizer=120)  # each part's own limit, within --budget
 # what each measurement is expected to take on an H100/H200, compilation included (estimates, not yet measured):
@@ -204,7 +204,7 @@ def write_test_record(record):
 
 def tests_command(tiny):
     selection = ["test_cuda.py", "-m", "not cuda", "-k", "linear_cross_entropy"] if tiny else ["-m", "cuda"]
-    return [sys.executable, "-m", "pytest", "-p", "gpu_check", "-p", "no:cacheprovider", "-q", *selection]
+    return [sys.executable, "-m", "pytest", "-p", "tools.gpu_check", "-p", "no:cacheprovider", "-q", *selection]
 
 
 def outcomes_of_tests(records):
@@ -240,7 +240,7 @@ def start_child(cmd, log, env=None):
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        return subprocess.Popen(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
@@ -375,7 +375,7 @@ def report(args, machine, done, started):
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# GPU check{' (dry run: tiny shapes, no compile)' if args.tiny else ''}", "", *machine,
              f"- {date}, git commit {train.git_commit()}",
-             f"- `{' '.join(['python3 gpu_check.py', *args.argv])}`: {time.time() - started:.0f} s", ""]
+             f"- `{' '.join(['python -m tools.gpu_check', *args.argv])}`: {time.time() - started:.0f} s", ""]
     for part in (p for p in PARTS if p in args.parts):
         if part not in done:
             lines += [f"## {part}: not run, out of time", ""]
@@ -395,7 +395,7 @@ def report(args, machine, done, started):
 
 
 def child_command(part, args, deadline, rows):
-    return [sys.executable, os.path.join(HERE, "gpu_check.py"), "--part", part, "--deadline", str(deadline),
+    return [sys.executable, "-m", "tools.gpu_check", "--part", part, "--deadline", str(deadline),
             "--rows", rows, "--device", args.device, *(["--tiny"] if args.tiny else []),
             *(["--sizes", *args.sizes] if args.sizes else []),
             *(["--batch_size", str(args.batch_size)] if args.batch_size else []),
@@ -457,7 +457,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.argv = argv
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: no CUDA GPU here; for a dry run on CPU: python3 gpu_check.py --device cpu --tiny")
+        sys.exit("error: no CUDA GPU here; for a dry run on CPU: python -m tools.gpu_check --device cpu --tiny")
     if args.device == "cpu" and not args.tiny:
         sys.exit("error: --device cpu is the dry run: add --tiny")
     if args.part:

@@ -2,7 +2,7 @@
 allenai/c4 clone (en/c4-train.*.json.gz, en/c4-validation.*.json.gz). Offline stand-in data for the tests,
 bench.py data and trying the tools; not real text, so any optimizer learns it in a few hundred steps.
 
-python make_corpus.py --out_dir data/gen_c4 --train_docs 30000 --val_docs 3000
+python -m tools.make_corpus --out_dir data/gen_c4 --train_docs 30000 --val_docs 3000
 python prepare_c4.py --out_dir data/gen_byte --data_dir data/gen_c4 --tokenizer byte
 """
 import argparse
