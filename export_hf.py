@@ -14,8 +14,10 @@ AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR)
 """
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -112,40 +114,65 @@ def save_tokenizer(tok, out_dir):
         json.dump({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
 
 
+# the files an export writes (transformers 4.x and 5.x, a sharded model's too): --overwrite replaces only a dir of these
+EXPORT_FILES = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map)\.json|"
+                          r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|chat_template\.jinja")
+
+
+def check_out_dir(out_dir, overwrite):
+    """Refuse (ValueError, one line) an existing out_dir unless overwrite is set and it is a previous export: a
+    directory of the files an export writes and nothing else (no checkpoint, run, repository, working directory)."""
+    if not os.path.lexists(out_dir):
+        return
+    path = os.path.realpath(out_dir)
+    if os.path.commonpath([path, os.path.realpath(os.getcwd())]) == path:
+        raise ValueError(f"{out_dir} is the working directory or holds it; pass another --out_dir")
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        raise ValueError(f"{out_dir} exists and is not a directory an export wrote; pass another --out_dir")
+    others = sorted(name for name in os.listdir(out_dir) if not EXPORT_FILES.fullmatch(name)
+                    or os.path.islink(os.path.join(out_dir, name)) or not os.path.isfile(os.path.join(out_dir, name)))
+    if others:
+        names = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+        raise ValueError(f"{out_dir} holds {names}, which an export does not write; pass another --out_dir "
+                         "(--overwrite replaces only a previous export)")
+    if not overwrite:
+        raise ValueError(f"{out_dir} exists; pass --overwrite to replace it, or another --out_dir")
+
+
 def write_dir(out_dir, overwrite, write):
-    """write(tmp) into a fresh directory next to out_dir, then move it to out_dir (replacing it with overwrite)."""
+    """write(dir) into a new directory beside out_dir, then rename it to out_dir; a previous export there (checked
+    again: check_out_dir) is moved aside first and deleted once the new one is in place."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp, old = f"{out_dir}.{os.getpid()}.tmp", f"{out_dir}.{os.getpid()}.old"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export of this pid, if any
-    os.mkdir(tmp)
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=os.path.dirname(out_dir))  # a new name
     try:
-        write(tmp)
-        if os.path.exists(out_dir):  # overwrite: checked in main
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        new = os.path.join(stage, "new")
+        os.mkdir(new)  # the umask's permissions, not mkdtemp's 0700
+        write(new)
+        check_out_dir(out_dir, overwrite)
+        if os.path.exists(out_dir):
+            os.replace(out_dir, os.path.join(stage, "old"))
+        os.replace(new, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stage)
 
 
 def main(argv=None):
     p = ArgumentParser(prog="export_hf.py", description="Export a train.py checkpoint as a Hugging Face model dir.")
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint, e.g. out/tiny/ckpt.pt, or a run's out_dir")
     p.add_argument("--out_dir", required=True, help="the directory to write (it must not exist, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace out_dir if it holds a previous export")
     p.add_argument("--tokenizer", help="for a checkpoint that does not record it: the tokenizer of its data (byte, gpt2)")
     try:
         args = p.parse_args(argv)
-        if os.path.exists(args.out_dir) and not args.overwrite:
-            raise ValueError(f"{args.out_dir} exists; pass --overwrite to replace it, or another --out_dir")
+        check_out_dir(args.out_dir, args.overwrite)
         import_transformers()
         model, info = load_model(args.ckpt, torch.device("cpu"))
         enc, eot_id = checkpoint_tokenizer(info, args.tokenizer)
         hf, tok = hf_model(model, eot_id), hf_tokenizer(enc, eot_id, model.config.max_seq_len)
+        write_dir(args.out_dir, args.overwrite, lambda d: (hf.save_pretrained(d), save_tokenizer(tok, d)))
     except ValueError as e:  # bad input (DataError is a ValueError)
         sys.exit(f"error: {e}")
-    write_dir(args.out_dir, args.overwrite, lambda d: (hf.save_pretrained(d), save_tokenizer(tok, d)))
     print(f"wrote {args.out_dir}: LlamaForCausalLM with the weights of {info['path']} (step {info['step']}, "
           f"{model.num_params():,} parameters in {hf.dtype}) and tokenizer {enc.name}; load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({args.out_dir!r})")

@@ -240,6 +240,7 @@ def test_sample_subprocess_error_is_one_line_on_stderr(tmp_path):
 # -----------------------------------------------------------------------------
 # export_hf.py
 
+@pytest.mark.optional
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_export_round_trip_logits(runs, tmp_path, dtype):
     transformers = pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
@@ -264,6 +265,7 @@ def data_dir_of(run):
     return read_log(run)[0]["config"]["data_dir"]
 
 
+@pytest.mark.optional
 def test_greedy_equals_hf_generate(runs, tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_export(runs["float32"], tmp_path), local_files_only=True)
@@ -277,6 +279,7 @@ def test_greedy_equals_hf_generate(runs, tmp_path):
         assert theirs.tolist() == ours.tolist()
 
 
+@pytest.mark.optional
 def test_exported_byte_tokenizer_loads_offline_and_encodes_like_tiktoken(runs, tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
     out = hf_export(runs["float32"], tmp_path)
@@ -312,6 +315,7 @@ def toy_bpe():
                              special_tokens={"<|endoftext|>": len(ranks), "<|fim|>": len(ranks) + 2})
 
 
+@pytest.mark.optional
 def test_bpe_tokenizer_conversion_encodes_like_tiktoken(tmp_path):
     pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
     import transformers
@@ -330,6 +334,7 @@ def test_bpe_tokenizer_conversion_encodes_like_tiktoken(tmp_path):
     assert merged > 100  # the merges were used, not only bytes
 
 
+@pytest.mark.optional
 def test_conversion_that_does_not_encode_like_tiktoken_writes_nothing(runs, tmp_path, monkeypatch):
     pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
     enc = tiktoken.Encoding("odd", pat_str=r"[\s\S]+", mergeable_ranks={bytes([i]): i for i in range(256)},
@@ -344,17 +349,77 @@ def test_conversion_that_does_not_encode_like_tiktoken_writes_nothing(runs, tmp_
     assert os.listdir(tmp_path) == []
 
 
-def test_export_refuses_an_existing_dir_and_overwrite_replaces_it(runs, tmp_path):
-    pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
-    out = tmp_path / "hf"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep me")
-    assert exit_message(export_hf.main, ["--ckpt", ckpt_of(runs["float32"]), "--out_dir", str(out)]) == (
+@pytest.mark.optional
+def test_export_refuses_an_existing_export_and_overwrite_replaces_it(runs, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
+    out = hf_export(runs["bfloat16"], tmp_path)
+    assert exit_message(export_hf.main, ["--ckpt", ckpt_of(runs["float32"]), "--out_dir", out]) == (
         f"error: {out} exists; pass --overwrite to replace it, or another --out_dir")
-    assert os.listdir(out) == ["mine.txt"]
-    export_hf.main(["--ckpt", ckpt_of(runs["float32"]), "--out_dir", str(out), "--overwrite"])
-    assert "mine.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    assert transformers.AutoConfig.from_pretrained(out).dtype == torch.bfloat16  # untouched
+    export_hf.main(["--ckpt", ckpt_of(runs["float32"]), "--out_dir", out, "--overwrite"])
+    assert transformers.AutoConfig.from_pretrained(out).dtype == torch.float32
     assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def tree(root):
+    """Every file and dir under root -> its bytes (None for a dir)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        out.update({os.path.join(d, n): None for n in dirs})
+        out.update({os.path.join(d, n): open(os.path.join(d, n), "rb").read() for n in files})
+    return out
+
+
+EXPORT = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("case", ["the run", "a repository", "an export and more", "the working directory",
+                                  "above the working directory", "a file", "a link to an export"])
+def test_export_refuses_a_dir_that_is_not_a_previous_export_and_touches_nothing(runs, tmp_path, monkeypatch, case,
+                                                                              overwrite):
+    out, ckpt = tmp_path / "out", ckpt_of(runs["float32"])
+    if case == "the run":  # --ckpt out/X --out_dir out/X
+        out.mkdir()
+        for name in ("ckpt.pt", "ckpt_prev.pt", "log.jsonl"):
+            (out / name).write_bytes(open(os.path.join(runs["float32"], name), "rb").read())
+        ckpt = str(out / "ckpt.pt")
+    elif case == "a file":
+        out.write_text("notes")
+    elif case == "a repository":  # a clone: --out_dir . --overwrite deleted one
+        for name in (".git", ".venv", "out"):
+            (out / name).mkdir(parents=True)
+        for name in ("README.md", "train.py"):
+            (out / name).write_text(name)
+    else:
+        export = tmp_path / "export" if case == "a link to an export" else out
+        export.mkdir()
+        for name in EXPORT:
+            (export / name).write_text(name)
+        if case == "an export and more":
+            (out / "sub").mkdir()
+            (out / "notes.txt").write_text("keep me")
+        if case == "a link to an export":
+            out.symlink_to(export)
+    if case == "the working directory":
+        monkeypatch.chdir(out)
+    if case == "above the working directory":
+        (out / "run").mkdir()
+        monkeypatch.chdir(out / "run")
+    arg = "." if case == "the working directory" else str(out)
+    before = tree(tmp_path)
+    message = exit_message(export_hf.main, ["--ckpt", ckpt, "--out_dir", arg] + ["--overwrite"] * overwrite)
+    rest = "which an export does not write; pass another --out_dir (--overwrite replaces only a previous export)"
+    assert message == {
+        "the run": f"error: {out} holds ckpt.pt, ckpt_prev.pt, log.jsonl, {rest}",
+        "a repository": f"error: {out} holds .git, .venv, README.md, out and 1 more, {rest}",
+        "an export and more": f"error: {out} holds notes.txt, sub, {rest}",
+        "the working directory": "error: . is the working directory or holds it; pass another --out_dir",
+        "above the working directory": f"error: {out} is the working directory or holds it; pass another --out_dir",
+        "a file": f"error: {out} exists and is not a directory an export wrote; pass another --out_dir",
+        "a link to an export": f"error: {out} exists and is not a directory an export wrote; pass another --out_dir",
+    }[case]
+    assert tree(tmp_path) == before  # every file still there, unchanged, and nothing left beside
 
 
 def test_export_without_transformers_is_one_line(runs, tmp_path, monkeypatch):
@@ -431,6 +496,7 @@ def test_eval_bad_input_is_one_line(runs, byte_data, tmp_path):
     assert exit_message(eval_py.main, ["--ckpt", str(tmp_path / "none.pt")]).startswith("error: no checkpoint at")
 
 
+@pytest.mark.optional
 @pytest.mark.slow
 def test_compiled_run_checkpoint_samples_evaluates_and_exports(byte_data, tmp_path, capsys):
     out = str(tmp_path / "compiled")
