@@ -105,3 +105,20 @@ def test_without_a_gpu_the_check_is_a_one_line_error():
     with pytest.raises(SystemExit) as e:
         gpu_check.main(["--device", "cpu"])
     assert e.value.code == "error: --device cpu is the dry run: add --tiny"
+
+
+def test_a_report_it_did_not_write_is_refused_and_its_own_is_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(gpu_check, "run_parts", lambda *a: {})
+    (tmp_path / "gpu_check.md").write_text("my notes\n")
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--device", "cpu", "--tiny"])
+    assert e.value.code == (f"error: {tmp_path / 'gpu_check.md'} was not written by tools.gpu_check; move it, or set "
+                            "OUT to another directory")
+    assert os.listdir(tmp_path) == ["gpu_check.md"] and (tmp_path / "gpu_check.md").read_text() == "my notes\n"
+    (tmp_path / "gpu_check.md").unlink()
+    (tmp_path / "gpu_check_tests.log").write_text(f"$ {' '.join(gpu_check.tests_command(True))}\n")  # as a run starts
+    for _ in range(2):
+        gpu_check.main(["--device", "cpu", "--tiny"])
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (dry run")
+    assert sorted(os.listdir(tmp_path)) == ["gpu_check.md", "gpu_check_tests.log"]

@@ -366,7 +366,7 @@ def bench_fsdp(args, train_args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser("python -m tools.bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     o = sub.add_parser("optimizer", help="SCALE step time and state bytes vs fused AdamW")
     o.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])

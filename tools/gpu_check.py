@@ -38,6 +38,7 @@ from tools import compare
 import model as model_py
 import train
 from config import load_config, paper_config
+from data import write_atomic
 from model import LLaMA, LLaMAConfig
 from scale import SCALE, scale_param_groups, state_bytes
 
@@ -434,14 +435,30 @@ def run_parts(args, started, out, tmp, machine):
                                                 if code is None else f"exited with {code}: see its log")
             done[part] = records, problem
             print(f"[{part}] done in {time.time() - t0:.0f} s{'; ' + problem if problem else ''}", flush=True)
-            with open(os.path.join(out, "gpu_check.md"), "w") as f:
-                f.write(report(args, machine, done, started) + "\n")
+            write_report(out, report(args, machine, done, started))
     return done
+
+
+def check_out(out):
+    """Exit in one line if OUT is not a directory, or holds a report or log by this tool's names that it did not
+    write (its report's first line is "# GPU check"; a log's, "$ " and the command of a part, naming gpu_check)."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        sys.exit(f"error: OUT={out} is not a directory; set OUT to a directory")
+    for path in (os.path.join(out, name) for name in ["gpu_check.md", *(f"gpu_check_{p}.log" for p in PARTS)]):
+        if not os.path.lexists(path):
+            continue
+        first = open(path, errors="replace").readline() if os.path.isfile(path) else ""
+        if not (first.startswith("# GPU check") or first.startswith("$ ") and "gpu_check" in first):
+            sys.exit(f"error: {path} was not written by tools.gpu_check; move it, or set OUT to another directory")
+
+
+def write_report(out, text):
+    write_atomic(os.path.join(out, "gpu_check.md"), lambda f: f.write((text + "\n").encode()))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser("python -m tools.gpu_check", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="default: all")
@@ -464,13 +481,13 @@ def main(argv=None):
         return run_part(args)
     started = time.time()
     out = os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu_check_")
+    check_out(out)
     os.makedirs(out, exist_ok=True)
     machine = device_lines(args.device == "cuda")
     with tempfile.TemporaryDirectory(prefix="gpu_check_rows_") as tmp:
         done = run_parts(args, started, out, tmp, machine)
     text = report(args, machine, done, started)
-    with open(os.path.join(out, "gpu_check.md"), "w") as f:
-        f.write(text + "\n")
+    write_report(out, text)
     print(f"\n{text}", flush=True)
 
 
