@@ -1,5 +1,6 @@
 """compare.py: the paper's memory estimate, 2 bytes x (parameters + optimizer-state elements), the runs, seeds
 and their table, and bad input."""
+import importlib
 import math
 import os
 import statistics
@@ -147,7 +148,7 @@ def fake_log(val_loss, tokens_per_s):
     return {"start": [{"config": {"lr": 3e-4}, "param_bytes": 100}],
             "train": [{"tokens_per_s": 1.0, "opt_state_bytes": 10, "peak_mem_bytes": None},
                       {"tokens_per_s": tokens_per_s, "opt_state_bytes": 10, "peak_mem_bytes": None}],
-            "eval": [{"val_loss": val_loss}]}
+            "eval": [{"val_loss": val_loss, "tokens": 1000}]}
 
 
 def test_precision_table_is_against_float32_over_seeds():
@@ -161,3 +162,47 @@ def test_precision_table_is_against_float32_over_seeds():
         "| RMSNorm gains != 1.0 | tokens/s |", "|---|---|---|---|---|---|",
         "| float32 | 2.1000 ± 0.1414 | +0.00% | 4.0% | 100.0% | 600 |",  # tokens/s: median of 500, 700
         "| bf16 paper | 2.3000 ± 0.1414 | +9.52% (per seed: +10.00%, +9.09%) | 75.0% | 0.0% | 200 |"]
+
+
+def test_an_out_dir_compare_did_not_write_is_refused_and_its_own_is_run_over_again(byte_data, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(compare, "run_one", lambda args, o, lr, seed: ran.append(o) or fake_log(2.0, 100.0))
+    argv = lambda out: [os.path.join(HERE, "configs", "tiny.py"), "--optimizers", "scale,adamw", "--out_dir", str(out),
+                        "--", *tiny_args(byte_data)]
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes\n")
+    other.mkdir()
+    (other / ".written_by").write_text("tools.precision")
+    for out, what in [(mine, "holds files tools.compare did not write"), (other, "holds tools.precision's output"),
+                      (mine / "results.md", "is not a directory")]:
+        with pytest.raises(ValueError) as e:
+            compare.main(argv(out))
+        assert str(e.value) == f"--out_dir {out} {what}; give a new or empty directory"
+    assert not ran and os.listdir(mine) == ["results.md"] and (mine / "results.md").read_text() == "my notes\n"
+    for _ in range(2):  # a re-run over its own out_dir (the runs' own --resume or --overwrite is train.py's)
+        compare.main(argv(tmp_path / "cmp"))
+    assert ran == ["scale", "adamw"] * 2
+    assert set(os.listdir(tmp_path / "cmp")) - {"compare.png"} == {".written_by", "results.md"}  # the plot: matplotlib's
+
+
+def test_precision_refuses_an_out_dir_it_did_not_write_and_reuses_its_own(tmp_path, monkeypatch):
+    from tools import precision
+    monkeypatch.setattr(precision, "run", lambda *a: dict(log=fake_log(2.0, 100.0), unchanged=0.5, gains_moved=0.0))
+    (tmp_path / "float32").write_text("my notes\n")
+    with pytest.raises(ValueError) as e:
+        precision.main(["--out_dir", str(tmp_path)])
+    assert str(e.value) == (f"--out_dir {tmp_path} holds files tools.precision did not write; give a new or empty "
+                            "directory")
+    assert os.listdir(tmp_path) == ["float32"] and (tmp_path / "float32").read_text() == "my notes\n"
+    for modes in ("float32", "float32,mixed"):  # a re-run adds modes to the table
+        precision.main(["--modes", modes, "--out_dir", str(tmp_path / "prec")])
+    assert sorted(os.listdir(tmp_path / "prec")) == [".written_by", "results.md"]
+    assert "| mixed |" in (tmp_path / "prec" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("tool", ["compare", "precision", "bench", "gpu_check"])
+def test_help_shows_the_command_that_runs_the_tool(tool, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"tools.{tool}").main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: python -m tools.{tool} ")

@@ -25,6 +25,7 @@ import torch
 
 import train
 from config import KEYS, PAPER_CONFIGS, load_config, paper_config
+from data import write_atomic
 from model import LLaMA, LLaMAConfig
 from scale import scale_param_groups
 
@@ -124,6 +125,22 @@ def check_runs(args, lrs):
             train.check_inputs(load_config(run_args(args, optimizer, lrs.get(optimizer), seed)[0]))
 
 
+def claim_out_dir(path, tool):
+    """Make the directory path this tool's output (path/.written_by names it) before anything is written there;
+    a file, or a directory holding files another tool or the user wrote, is refused in one line."""
+    mark = os.path.join(path, ".written_by")
+    owner = open(mark).read() if os.path.isfile(mark) else None
+    if os.path.lexists(path) and not (os.path.isdir(path) and (owner == tool or not os.listdir(path))):
+        what = ("is not a directory" if not os.path.isdir(path) else f"holds {owner}'s output" if owner
+                else f"holds files {tool} did not write")
+        raise ValueError(f"--out_dir {path} {what}; give a new or empty directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        write_atomic(mark, lambda f: f.write(tool.encode()))
+    except OSError as e:
+        raise ValueError(f"--out_dir {path}: {e.strerror}; give a new or empty directory") from None
+
+
 def run_one(args, optimizer, lr, seed):
     argv, out_dir = run_args(args, optimizer, lr, seed)
     cmd = shlex.split(args.launcher) + [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py"), *argv]
@@ -208,7 +225,7 @@ def plot(logs, rows, out_dir):
     ax2.set(xlabel="parameters + optimizer state (MiB)", ylabel="val perplexity", title="perplexity vs memory")
     ax1.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=110)
+    write_atomic(os.path.join(out_dir, "compare.png"), lambda f: fig.savefig(f, format="png", dpi=110))
     print(f"wrote {os.path.join(out_dir, 'compare.png')}")
 
 
@@ -238,7 +255,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("python -m tools.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="a config file, e.g. configs/tiny.py")
     p.add_argument("--optimizers", default="scale,adamw,muon")
     p.add_argument("--lr", nargs="*", default=[], help="per-optimizer lr, e.g. adamw=3e-3 muon=0.02")
@@ -268,12 +286,11 @@ def main(argv=None):
     args.seeds = parse_list(args.seeds, "--seeds", int) if args.seeds else None
     lrs = parse_lrs(args.lr)
     check_runs(args, lrs)
+    claim_out_dir(args.out_dir, "tools.compare")
     logs = {o: [run_one(args, o, lrs.get(o), seed) for seed in args.seeds or [None]] for o in args.optimizers}
     rows = [summarize(o, logs[o]) for o in args.optimizers]
     report = markdown(rows) + "\n\n" + "\n".join(seed_noise(rows))
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(report + "\n")
+    write_atomic(os.path.join(args.out_dir, "results.md"), lambda f: f.write((report + "\n").encode()))
     print(report)
     plot(logs, rows, args.out_dir)
 

@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from data import write_atomic
 from tools import compare
 from train import CKPT
 
@@ -91,7 +92,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("python -m tools.precision", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from: {', '.join(MODES)}")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--out_dir", default="out/precision")
@@ -100,13 +102,12 @@ def main(argv=None):
     if set(modes) - set(MODES):
         raise ValueError(f"unknown mode(s) {', '.join(sorted(set(modes) - set(MODES)))}; use {', '.join(MODES)}")
     seeds = compare.parse_list(args.seeds, "--seeds", int)
+    compare.claim_out_dir(args.out_dir, "tools.precision")
     results = {mode: [run(mode, seed, args.out_dir, extra) for seed in seeds] for mode in modes}
     report = (markdown(results, seeds) + f"\n\nconfigs/tiny.py {' '.join(RECIPE + extra)}; unchanged: the share of the "
               "matrix, embedding and lm_head entries equal before and after one more train.py step resumed from "
               "the final checkpoint (lr ~ 0.1 * lr)")
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(report + "\n")
+    write_atomic(os.path.join(args.out_dir, "results.md"), lambda f: f.write((report + "\n").encode()))
     print(report)
 
 
