@@ -23,7 +23,7 @@ from data import DataError, load_meta, open_shard
 HERE = os.path.dirname(os.path.abspath(__file__))
 KJV = os.path.join(HERE, "assets", "kjv")
 FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "val": "en/c4-validation.00000-of-00008.json.gz"}
-SHORT = ["--max_steps=3", "--eval_every=3", "--eval_tokens=1024", "--log_every=1", "--ckpt_every=3"]
+SHORT = ["--max_steps=3", "--warmup_steps=1", "--eval_every=3", "--eval_tokens=1024", "--log_every=1", "--ckpt_every=3"]
 FINAL_EVAL = re.compile(r"^step 3 \| val loss (\d+\.\d+)", re.M)
 
 

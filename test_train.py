@@ -111,11 +111,22 @@ def scale_run(byte_data, tmp_path_factory):
     (dict(warmup_steps=-5), "error: warmup_steps must be >= 0, got -5 in --warmup_steps=-5"),
     (dict(optimizer="sgd", momentum=1.5), "error: momentum must be in [0, 1), got 1.5 in --momentum=1.5"),
     (dict(resume=True, overwrite=True), "error: resume=True continues the run in out_dir and overwrite=True deletes it"),
+    (dict(max_steps=100, warmup_steps=1100), "error: warmup_steps=1100 is more than max_steps=100: the lr would never "
+                                             "reach its peak; pass --warmup_steps=10 (10%, as the paper) or fewer"),
 ])
 def test_bad_input_is_one_line(byte_data, tmp_path, overrides, message):
     p = run_subprocess(tiny_args(byte_data, str(tmp_path), **overrides))
     assert p.returncode == 1 and p.stderr.startswith(message), p.stderr
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_out_dir_that_is_a_file_is_one_line(byte_data, tmp_path):
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
+        (tmp_path / "a_file").write_text("mine\n")
+        message = "File exists" if out.name == "a_file" else "Not a directory"
+        p = run_subprocess(tiny_args(byte_data, str(out), max_steps=3))
+        assert p.returncode == 1 and p.stderr == f"error: cannot use out_dir {out}: {message}; pass another --out_dir\n"
+        assert (tmp_path / "a_file").read_text() == "mine\n"
 
 
 # -----------------------------------------------------------------------------
@@ -186,8 +197,8 @@ def test_each_optimizer_learns(byte_data, tmp_path, optimizer, lr):
 
 @pytest.mark.parametrize("adam_lr", [0.05, 0.0])
 def test_scale_options_reach_the_optimizer(byte_data, tmp_path, adam_lr):
-    train.main(tiny_args(byte_data, str(tmp_path), max_steps=1, momentum=0.8, weight_decay=0.1, adam_lr=adam_lr,
-                         momentum_roles="output,matrix,embedding"))
+    train.main(tiny_args(byte_data, str(tmp_path), max_steps=1, warmup_steps=1, momentum=0.8, weight_decay=0.1,
+                         adam_lr=adam_lr, momentum_roles="output,matrix,embedding"))
     for group in load_ckpt(tmp_path)["optimizers"][0]["param_groups"]:
         assert (group["momentum"], group["weight_decay"]) == (0.8, 0.1)
         assert group["adam_lr"] == (adam_lr or TINY["lr"])  # 0 means lr
@@ -244,7 +255,7 @@ def test_compile_matches_eager(byte_data, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="checks the message printed without wandb")
 def test_wandb_missing_is_a_message(byte_data, tmp_path, capsys):
-    train.main(tiny_args(byte_data, str(tmp_path), max_steps=1, wandb_project="scale"))
+    train.main(tiny_args(byte_data, str(tmp_path), max_steps=1, warmup_steps=1, wandb_project="scale"))
     assert "wandb_project is set but wandb is not installed" in capsys.readouterr().out
 
 
@@ -403,17 +414,22 @@ def test_a_second_run_in_the_same_out_dir_is_refused(byte_data, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not a checkpoint"])
-def test_damaged_checkpoint_is_one_line_and_the_previous_one_resumes(scale_run, byte_data, tmp_path, damage):
+def test_damaged_checkpoint_says_what_to_do_and_the_previous_one_resumes(scale_run, byte_data, tmp_path, damage):
     out = copy_run(scale_run, tmp_path)
     path = os.path.join(out, "ckpt.pt")
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write({"truncated": data[:-1000], "empty": b"", "not a checkpoint": b"hello\n" * 100}[damage])
     p = run_subprocess(tiny_args(byte_data, out, resume=True, max_steps=40))
-    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
-    assert p.stderr.startswith(f"error: {path} is not a train.py checkpoint (not a file torch.save writes);"
-                               if damage == "not a checkpoint" else f"error: {path} is damaged and cannot be read (")
-    assert p.stderr.endswith(f"); move it away and re-run to resume from the previous checkpoint, {out}/ckpt_prev.pt\n")
+    assert p.returncode == 1 and p.stderr.count("\n") == 2 and "Traceback" not in p.stderr, p.stderr
+    what, detail = p.stderr.splitlines()  # what is wrong and what to do; then torch's detail
+    assert what == f"error: {path} " + ("is not a train.py checkpoint" if damage == "not a checkpoint" else
+                                        "is damaged and cannot be read") + (
+        f"; move it away and re-run to resume from the previous checkpoint, {out}/ckpt_prev.pt")
+    assert len(what.replace(str(tmp_path), "")) < 200
+    expected = {"truncated": "  cut short or corrupted; ", "empty": "  it is empty",
+                "not a checkpoint": "  not a file torch.save writes"}[damage]
+    assert detail.startswith(expected) and (damage == "truncated" or detail == expected)
     os.rename(path, path + ".damaged")
     p = run_subprocess(tiny_args(byte_data, out, resume=True, max_steps=40))
     assert p.returncode == 0, p.stderr
@@ -426,8 +442,8 @@ def test_no_previous_checkpoint_to_fall_back_on(scale_run, byte_data, tmp_path):
     os.remove(os.path.join(out, "ckpt.pt"))
     open(os.path.join(out, "ckpt_prev.pt"), "wb").close()
     message = exit_message(tiny_args(byte_data, out, resume=True, max_steps=40))
-    assert message.startswith(f"error: {out}/ckpt_prev.pt is damaged and cannot be read (")
-    assert message.endswith("); no earlier checkpoint is kept: start over with --overwrite=True or another --out_dir")
+    assert message == (f"error: {out}/ckpt_prev.pt is damaged and cannot be read; no earlier checkpoint is kept: "
+                       "start over with --overwrite=True or another --out_dir\n  it is empty")
 
 
 @pytest.mark.slow
@@ -456,6 +472,67 @@ def test_resume_after_kill_is_exact(byte_data, tmp_path, dtype):
     whole_log, resumed_log = read_log(tmp_path / "whole"), read_log(tmp_path / "killed")
     for key, event in (("loss", "train"), ("step", "train"), ("val_loss", "eval"), ("step", "eval")):
         assert events(resumed_log, event, key) == events(whole_log, event, key)
+
+
+def interrupt_at(cmd, out, step, signum):
+    """Run cmd, send it signum once out/log.jsonl has a train record at `step`, -> (returncode, stdout, stderr)."""
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "log.jsonl")
+    while p.poll() is None and not (os.path.exists(log) and f'"step": {step},' in open(log).read()):
+        time.sleep(0.005)
+    p.send_signal(signum)
+    stdout, stderr = p.communicate(timeout=300)
+    return p.returncode, stdout, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_and_the_resume_is_exact(byte_data, tmp_path, signum):
+    """Ctrl-C or a cluster's SIGTERM: a checkpoint at the step reached, one line with the command to resume, exit
+    128 + signal; the resumed run ends bit for bit as the straight one (at the default thread count)."""
+    args = dict(max_steps=60, ckpt_every=1000)  # no checkpoint but the one the signal makes
+    whole = run_subprocess(tiny_args(byte_data, str(tmp_path / "whole"), **args))
+    assert whole.returncode == 0, whole.stderr
+    out = str(tmp_path / "stopped")
+    argv = tiny_args(byte_data, out, **args)
+    code, stdout, stderr = interrupt_at([sys.executable, "train.py", *argv], out, 13, signum)
+    assert code == 128 + signum and "Traceback" not in stderr, stderr
+    step = load_ckpt(out)["step"]
+    assert 13 <= step < 60
+    assert stdout.splitlines()[-1] == (f"{signal.Signals(signum).name}: stopped at step {step}, saved {out}/ckpt.pt; "
+                                       f"resume with: python train.py {' '.join(argv)} --resume=True")
+    resumed = run_subprocess([*argv, "--resume=True"])
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_ckpt(tmp_path / "whole"), load_ckpt(out)
+    assert identical(a["model"], b["model"]) and identical(a["optimizers"], b["optimizers"])
+    assert events(read_log(out), "train", "loss") == events(read_log(tmp_path / "whole"), "train", "loss")
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_saves_where_the_ranks_agree(byte_data, tmp_path):
+    """torchrun forwards SIGTERM to each rank: both stop at the same log step, rank 0 saves the checkpoint."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *tiny_args(byte_data, out, max_steps=100000, log_every=5, ckpt_every=100000)]
+    _, stdout, _ = interrupt_at(cmd, out, 10, signal.SIGTERM)
+    step = load_ckpt(out)["step"]
+    assert step % 5 == 0 and step >= 10
+    assert f"SIGTERM: stopped at step {step}, saved {out}/ckpt.pt; resume with: torchrun" in stdout
+    assert events(read_log(out), "train", "step")[-1] == step
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_optimizers_without_state_resume_exactly(byte_data, tmp_path, momentum):
+    """SGD without momentum keeps no state (torch.distributed.checkpoint cannot place it): saved and resumed
+    as it is, the resumed run ends as the straight one."""
+    args = dict(optimizer="sgd", lr=0.5, momentum=momentum, max_steps=20)
+    train.main(tiny_args(byte_data, str(tmp_path / "whole"), **args))
+    os.makedirs(tmp_path / "resumed")
+    shutil.copy(tmp_path / "whole" / "ckpt_prev.pt", tmp_path / "resumed" / "ckpt.pt")  # step 10
+    train.main(tiny_args(byte_data, str(tmp_path / "resumed"), resume=True, **args))
+    a, b = load_ckpt(tmp_path / "whole"), load_ckpt(tmp_path / "resumed")
+    assert identical(a["model"], b["model"]) and identical(a["optimizers"], b["optimizers"])
+    assert (a["optimizers"][0]["state"] == {}) == (momentum == 0)
 
 
 @pytest.mark.slow

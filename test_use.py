@@ -205,28 +205,27 @@ def test_missing_damaged_or_other_checkpoint_is_one_line(runs, tmp_path, damage)
     expected = {"missing": f"error: no checkpoint at {path}; pass a train.py checkpoint, e.g. --ckpt out/tiny/ckpt.pt",
                 "a dir without one": f"error: {path} holds no ckpt.pt; pass a train.py checkpoint or the out_dir of a "
                                      "run that wrote one",
-                "empty": f"error: {path} is damaged and cannot be read (it is empty){rest}",
-                "another file": f"error: {path} is not a train.py checkpoint (not a file torch.save writes){rest}",
-                "another torch file": f"error: {path} is not a train.py checkpoint (it has no 'config', 'optimizers', "
-                                      f"'rng'){rest}"}
+                "empty": f"error: {path} is damaged and cannot be read{rest}\n  it is empty",
+                "another file": f"error: {path} is not a train.py checkpoint{rest}\n  not a file torch.save writes",
+                "another torch file": f"error: {path} is not a train.py checkpoint{rest}\n  it has no 'config', "
+                                      "'optimizers', 'rng'"}
     if damage in expected:
         assert message == expected[damage]
     else:
-        assert message.startswith(f"error: {path} is damaged and cannot be read (cut short or corrupted; ")
-        assert message.endswith(rest)
+        assert message.startswith(f"error: {path} is damaged and cannot be read{rest}\n  cut short or corrupted; ")
 
 
 def test_damaged_checkpoint_names_the_previous_one(runs, tmp_path):
     for name in ("ckpt.pt", "ckpt_prev.pt"):
         data = open(os.path.join(runs["float32"], name), "rb").read()
         (tmp_path / name).write_bytes(data[:-1000] if name == "ckpt.pt" else data)
-    assert exit_message(sample.main, ["--ckpt", str(tmp_path)]).endswith(
+    assert exit_message(sample.main, ["--ckpt", str(tmp_path)]).splitlines()[0].endswith(
         f"; use the previous checkpoint, {tmp_path}/ckpt_prev.pt, instead")
     sample.main(["--ckpt", str(tmp_path / "ckpt_prev.pt"), "--max_new_tokens", "2"])  # which loads
     (tmp_path / "log.jsonl").write_text("{}\n")  # another file of the run is not a damaged checkpoint
     assert exit_message(sample.main, ["--ckpt", str(tmp_path / "log.jsonl")]) == (
-        f"error: {tmp_path}/log.jsonl is not a train.py checkpoint (not a file torch.save writes); pass a train.py "
-        "checkpoint: a run's ckpt.pt, or its out_dir")
+        f"error: {tmp_path}/log.jsonl is not a train.py checkpoint; pass a train.py checkpoint: a run's ckpt.pt, or "
+        "its out_dir\n  not a file torch.save writes")
 
 
 def test_sample_subprocess_error_is_one_line_on_stderr(tmp_path):

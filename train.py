@@ -21,6 +21,8 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -141,7 +143,10 @@ def save_checkpoint(out_dir, model, optimizers, step, cfg, batches, master):
     the checkpoint it replaces is kept as ckpt_prev.pt (so at most two, plus one being written)."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # on rank 0's CPU, one tensor at a time
     weights = get_model_state_dict(model, options=full)
-    states = [get_optimizer_state_dict(model, opt, options=full) for opt in optimizers]
+    # torch.distributed.checkpoint needs a state tensor to place the state on; an optimizer with none (SGD without
+    # momentum) is saved as it is, keyed by param index
+    states = [get_optimizer_state_dict(model, opt, options=full) if has_tensors(opt.state) else opt.state_dict()
+              for opt in optimizers]
     if not master:
         return
     ckpt = dict(model=weights, optimizers=states, step=step, config=vars(cfg), vocab_size=batches.vocab_size,
@@ -188,7 +193,7 @@ def read_checkpoint(path, resuming=True):
         advice = "no earlier checkpoint is kept next to it: pass another one"
     else:
         advice = "no earlier checkpoint is kept: start over with --overwrite=True or another --out_dir"
-    raise ValueError(f"{path} {what} ({why}); {advice}")
+    raise ValueError(f"{path} {what}; {advice}\n  {why}")
 
 
 def check_resume(ckpt, path, cfg, vocab_size):
@@ -216,20 +221,40 @@ def load_checkpoint(ckpt, path, model, optimizers):
     """Restore the weights, optimizer states and RNGs of a checkpoint, keeping each param group's
     hyperparameters as the current config set them (load_state_dict would bring back the saved ones). Every rank
     calls it with the full checkpoint; under FSDP each keeps its own shards."""
-    full = StateDictOptions(full_state_dict=True)
+    full = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: SCALE keeps no state for matrices
     try:
-        set_model_state_dict(model, ckpt["model"], options=full)
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-            # strict=False: SCALE keeps no state for its matrix and embedding params
-            set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True, strict=False))
+            if has_tensors(state["state"]):
+                init_state(opt)
+                set_optimizer_state_dict(model, opt, state, options=full)
+            else:
+                opt.load_state_dict(state)
             for group, hyper in zip(opt.param_groups, current):
                 group.update(hyper)
+        set_model_state_dict(model, ckpt["model"], options=full)  # after init_state's step
     except (RuntimeError, KeyError, ValueError) as e:
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        raise ValueError(f"{path} does not fit this model.py and train.py ({why}); resume with the code it was "
-                         "written by") from None
+        raise ValueError(f"{path} does not fit this model.py and train.py; resume with the code it was written "
+                         f"by\n  {why}") from None
     set_rng_states(ckpt["rng"])
+
+
+def has_tensors(state):
+    """Whether an optimizer's state ({param: {name: value}}) holds a tensor of 1+ dims."""
+    return any(torch.is_tensor(v) and v.ndim > 0 for s in state.values() for v in s.values())
+
+
+def init_state(opt):
+    """Give an optimizer without state its state, as torch.distributed.checkpoint would before loading into it: one
+    step on zero grads. Done here with step(), which every optimizer takes (torch passes closure=None); the step's
+    change to the weights is undone by loading them after."""
+    if not opt.state:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 # -----------------------------------------------------------------------------
@@ -442,6 +467,9 @@ def check_inputs(cfg, rank=0, world_size=1):
     """Check the data and the model shape of a config before anything runs -> (TrainBatches, LLaMAConfig).
     A data_dir named after a bundled sample (data/kjv_byte) is first prepared from it if it has no dataset yet.
     Raises DataError or ValueError with a one-line message."""
+    if cfg.warmup_steps > cfg.max_steps:
+        raise ValueError(f"warmup_steps={cfg.warmup_steps} is more than max_steps={cfg.max_steps}: the lr would never "
+                         f"reach its peak; pass --warmup_steps={cfg.max_steps // 10} (10%, as the paper) or fewer")
     source = bundled_source(cfg.data_dir)
     if source:  # on first use; safe for all ranks (or runs) at once
         prepare_once(cfg.data_dir, source)
@@ -458,7 +486,10 @@ def claim_out_dir(cfg, master):
     if previous and not cfg.overwrite:
         raise ValueError(f"{cfg.out_dir} holds another run ({', '.join(previous)}); continue it with --resume=True, "
                          "delete it and start over with --overwrite=True, or use another --out_dir")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, a parent that is a file, no permission
+        raise ValueError(f"cannot use out_dir {cfg.out_dir}: {e.strerror}; pass another --out_dir") from None
     if dist.is_initialized():
         dist.barrier()  # every rank has looked before rank 0 writes there (else a late rank sees this run's log)
     if not master:
@@ -551,12 +582,13 @@ def train(cfg):
         sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
         saved = start_step if resumed else None
         losses, logged_step, train_seconds, t0 = [], start_step, 0.0, time.time()  # the steps since the last log line
+        signum, stop = 0, StopSignals()
         for step in range(start_step, cfg.max_steps + 1):
             last_step = step == cfg.max_steps
             # evaluate and checkpoint the weights after `step` optimizer steps (not again at a resumed run's first
             # step: the run that saved it did); their time is not training time
             evaluating = (step % cfg.eval_every == 0 or last_step) and not (resumed and step == start_step)
-            saving = step > start_step and (step % cfg.ckpt_every == 0 or last_step)
+            saving = step > start_step and (step % cfg.ckpt_every == 0 or last_step or signum)
             if evaluating or saving:
                 sync()
                 train_seconds += time.time() - t0
@@ -577,6 +609,8 @@ def train(cfg):
                 t0 = time.time()
             if last_step:
                 break
+            if signum:
+                raise Interrupted(signum, step, ckpt_path)
 
             # one optimizer step, from `step` to step + 1; its loss stays on the device until the next log line
             lr_mult = lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
@@ -615,9 +649,43 @@ def train(cfg):
                     lr=lr, tokens_per_s=tokens_per_s, mfu=mfu, peak_mem_bytes=peak_mem,
                     opt_state_bytes=state_bytes(optimizers))
                 losses, logged_step, train_seconds, t0 = [], done, 0.0, time.time()
+            if world_size == 1 or done % cfg.log_every == 0:  # where the ranks agree with no extra host sync
+                signum = stop.agreed(world_size, device)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (Ctrl-C; a cluster's preemption) ask the loop to stop: it saves a checkpoint at the next
+    step where the ranks agree (agreed) and exits 128 + the signal. A second signal, 1 s or more later, exits at once
+    (sooner, it is the same one: torchrun forwards the Ctrl-C its ranks also got)."""
+
+    def __init__(self):
+        self.signum, self.at = 0, 0.0
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if not self.signum:
+            self.signum, self.at = signum, time.time()
+        elif time.time() - self.at >= 1:
+            print(f"{signal.Signals(signum).name} again: exiting without saving", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+
+    def agreed(self, world_size, device):
+        """The signal any rank got (0 for none): a collective, so every rank calls it at the same step."""
+        if world_size == 1:
+            return self.signum
+        signum = torch.tensor(self.signum, device=device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return int(signum)
+
+
+class Interrupted(Exception):
+    def __init__(self, signum, step, path):
+        self.signum, self.step, self.path = signum, step, path
 
 
 def main(argv):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if {"-h", "--help"} & set(argv):  # with the values of the config files and keys given with it
             given = [arg for arg in argv if arg not in ("-h", "--help")]
@@ -627,7 +695,19 @@ def main(argv):
         train(load_config(argv))
     except (ValueError, FloatingPointError) as e:  # bad input (DataError is a ValueError) or divergence
         sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # one line, from rank 0
+    except Interrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            launcher = "torchrun [its options] train.py" if "RANK" in os.environ else "python train.py"
+            argv = [a for a in argv if not a.startswith("--resume=")] + ["--resume=True"]
+            print(f"{signal.Signals(e.signum).name}: stopped at step {e.step}, saved {e.path}; resume with: "
+                  f"{launcher} {shlex.join(argv)}", flush=True)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # before the loop, which saves
+        print("interrupted before the first step: nothing was saved", file=sys.stderr)
+        sys.exit(130)
     finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
         if dist.is_initialized():
             # FSDP's modules hold the process group in reference cycles: free them first, while Python still runs (a
             # process group left to interpreter shutdown can abort the process, SIGABRT, after a finished run)
