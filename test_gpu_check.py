@@ -17,9 +17,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.slow
+@pytest.mark.optional
 def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--tiny"], cwd=HERE, capture_output=True,
-                       text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=600)
+    pytest.importorskip("transformers", reason="transformers not installed: the model part's peer is LlamaForCausalLM")
+    p = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--tiny"], cwd=HERE,
+                       capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
     assert p.stdout.endswith(report)  # printed last, as written
