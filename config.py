@@ -1,16 +1,9 @@
-"""The run config: every key train.py reads, with its default, the values it allows and what it means, and
-the reader that builds a config from config files and --key=value arguments. train.py, compare.py, bench.py
-and the tests all read configs through load_config.
-
-A config is DEFAULTS (the recipe the SCALE paper shares across model sizes, with LLaMA-60M's shape and
-schedule), then each config file in the order given (a Python file of assignments, e.g. configs/llama_60m.py),
-then each --key=value, later ones winning. Every value is checked against its key's type and allowed values,
-so a bad config is a one-line ValueError before anything runs.
-"""
+"""The run config: every key train.py reads, with its default, allowed values and meaning. A config is DEFAULTS (the
+paper's shared recipe, with LLaMA-60M's shape and schedule), then each config file (Python assignments, e.g.
+configs/llama_60m.py), then each --key=value, later ones winning; a bad value is a one-line ValueError."""
 import ast
 import difflib
 import math
-import os
 import traceback
 import types
 from types import SimpleNamespace
@@ -44,34 +37,28 @@ KEYS = {
     "eval_tokens": (10_000_000, "> 0", "validation tokens per evaluation"),
     "log_every": (10, "> 0", "steps between log lines"),
     "ckpt_every": (1000, "> 0", "steps between checkpoints (out_dir/ckpt.pt)"),
-    "data_dir": ("data/c4", None, "prepared data (prepare_c4.py --out_dir); data/kjv_byte, the bundled sample, is "
-                              "prepared on first use"),
+    "data_dir": ("data/c4", None, "prepared data (prepare_c4.py); data/kjv_byte, the bundled one, is made when used"),
     "out_dir": ("out", None, "where log.jsonl and ckpt.pt go"),
     "wandb_project": ("", None, "also log to this wandb project; empty = no wandb"),
     # system
     "dtype": ("bfloat16", ("float32", "bfloat16", "mixed"),
-              "bfloat16: params, grads and optimizer state in bf16 (the paper; see bf16); mixed: bf16 autocast, fp32 "
-              "params"),
+              "bfloat16: params, grads and optimizer state in bf16 (the paper; see bf16); mixed: bf16 autocast"),
     "bf16": ("stochastic", ("stochastic", "fp32_vectors", "paper"),
-             "read only with dtype=bfloat16: paper = every param and its state bf16, rounded to nearest (the paper's "
-             "pure bf16); fp32_vectors = 1-D params (norm gains) and their state fp32; stochastic = fp32_vectors, "
-             "and SCALE's bf16 weight writes rounded stochastically (unbiased: updates below bf16's spacing count)"),
+             "with dtype=bfloat16: paper = every param bf16 (the paper); fp32_vectors = 1-D params fp32; stochastic = "
+             "fp32_vectors and SCALE's bf16 writes rounded stochastically (docs/precision.md)"),
     "compile": (True, None, "torch.compile the model and the SCALE update"),
-    "fsdp": (False, None, "shard params, grads and optimizer state over the ranks (FSDP2) instead of DDP's full "
-                          "copy on each; not with optimizer=muon"),
+    "fsdp": (False, None, "shard params, grads and optimizer state over the ranks (FSDP2), not copy them (DDP)"),
     "seed": (0, "[0, 4294967295]", "seed of the initialization and the data order"),
     "resume": (False, None, "continue the run in out_dir from its checkpoint (start it if there is none yet)"),
     "overwrite": (False, None, "start over in an out_dir that holds another run, deleting its checkpoints and log"),
 }
 DEFAULTS = {key: default for key, (default, _, _) in KEYS.items()}
 MOMENTUM_ROLES = ("output", "matrix", "embedding")
-PAPER_CONFIGS = ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")  # configs/<name>.py
 
 
 def load_config(argv):
-    """Config files and --key=value strings, in order, over DEFAULTS -> a namespace with every key.
-    Raises ValueError (one line, naming the argument or the file and line) for an unknown key, a wrong type
-    or a value outside the key's allowed values."""
+    """Config files and --key=value strings, in order, over DEFAULTS -> a namespace with every key. Raises ValueError
+    naming the argument, or the file and line."""
     cfg = dict(DEFAULTS)
     for arg in argv:
         if arg.startswith("--"):
@@ -87,22 +74,16 @@ def load_config(argv):
         raise ValueError(f"momentum_roles must be comma-separated roles from {','.join(MOMENTUM_ROLES)}, "
                          f"got {cfg['momentum_roles']!r}")
     if cfg["fsdp"] and cfg["optimizer"] == "muon":
-        raise ValueError("fsdp=True does not run optimizer=muon: torch.optim.Muon's Newton-Schulz iteration needs whole "
-                         "matrices, and on FSDP's row shards its updates are wrong; use fsdp=False (DDP) for Muon")
+        raise ValueError("fsdp=True does not run optimizer=muon: torch.optim.Muon's Newton-Schulz iteration needs "
+                         "whole matrices, and on FSDP's row shards its updates are wrong; use fsdp=False (DDP)")
     if cfg["resume"] and cfg["overwrite"]:
         raise ValueError("resume=True continues the run in out_dir and overwrite=True deletes it: set one of them")
     return SimpleNamespace(**cfg)
 
 
-def paper_config(name):
-    """The run config of configs/<name>.py, e.g. "llama_60m" (a namespace)."""
-    return load_config([os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{name}.py")])
-
-
 def read_config_file(path):
-    """A config file's assignments -> {key: (value, line number)}. A config file is Python, so it may import
-    and compute: modules, functions, classes and names starting with _ are not keys. Raises ValueError naming
-    the file (and the line) if it cannot be read or fails to run."""
+    """A config file's assignments -> {key: (value, line number)}. It is Python, so it may import and compute: modules,
+    functions, classes and names starting with _ are not keys."""
     try:
         with open(path) as f:
             source = f.read()
@@ -125,17 +106,14 @@ def read_config_file(path):
 
 def parse_value(key, text):
     """A command-line value: as given for string keys, else a Python literal (1e-3, 512, True)."""
-    if isinstance(DEFAULTS.get(key), str):
-        return text
     try:
-        return ast.literal_eval(text)
+        return text if isinstance(DEFAULTS.get(key), str) else ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text  # set_key reports the wrong type
 
 
 def set_key(cfg, key, value, source):
-    """cfg[key] = value after checking the key, the value's type and its allowed values; source names where the
-    value came from, for the error."""
+    """cfg[key] = value after checking the key, the value's type and its allowed values; source: where it came from."""
     if key not in KEYS:
         raise ValueError(f"unknown config key {key!r} in {source}{did_you_mean(key, KEYS)}")
     default, allowed, _ = KEYS[key]
@@ -144,22 +122,17 @@ def set_key(cfg, key, value, source):
         value = float(value)
     if type(value) is not want:
         raise ValueError(f"{key} must be of type {want.__name__}, got {value!r} in {source}")
-    if isinstance(allowed, tuple) and value not in allowed:
-        raise ValueError(f"{key} must be {in_words(default, allowed)}, got {value!r} in {source}"
-                         f"{did_you_mean(value, allowed)}")
-    if isinstance(allowed, str) and not in_range(value, allowed):
-        raise ValueError(f"{key} must be {in_words(default, allowed)}, got {value!r} in {source}")
+    if value not in allowed if isinstance(allowed, tuple) else allowed and not in_range(value, allowed):
+        hint = did_you_mean(value, allowed) if isinstance(allowed, tuple) else ""
+        raise ValueError(f"{key} must be {in_words(default, allowed)}, got {value!r} in {source}{hint}")
     cfg[key] = value
 
 
 def in_range(value, allowed):
-    """Whether a finite number lies in allowed: "> a", ">= a", or an interval "[a, b)" (brackets inclusive)."""
-    if not math.isfinite(value):
-        return False
-    if allowed.startswith(">="):
-        return value >= float(allowed[2:])
-    if allowed.startswith(">"):
-        return value > float(allowed[1:])
+    """Whether a number lies in allowed: "> a", ">= a", or an interval "[a, b)" (brackets inclusive); inf does not."""
+    if allowed[0] == ">":
+        bound = float(allowed.lstrip(">="))
+        return math.isfinite(value) and (value >= bound if allowed[1] == "=" else value > bound)
     low, high = (float(bound) for bound in allowed[1:-1].split(","))
     above = low <= value if allowed[0] == "[" else low < value
     return above and (value <= high if allowed[-1] == "]" else value < high)
@@ -169,9 +142,7 @@ def in_words(default, allowed):
     """A key's allowed values in words: "one of a, b", "> 0", "in [0, 1)", or "a bool" (any of its type)."""
     if isinstance(allowed, tuple):
         return "one of " + ", ".join(allowed)
-    if allowed:
-        return allowed if allowed.startswith(">") else "in " + allowed
-    return "a " + type(default).__name__
+    return "a " + type(default).__name__ if allowed is None else allowed if allowed[0] == ">" else "in " + allowed
 
 
 def did_you_mean(word, options):
@@ -180,11 +151,7 @@ def did_you_mean(word, options):
 
 
 def help_text(cfg):
-    """Every key as --key=value, what it means and its allowed values, in DEFAULTS order. The values are cfg's (a
-    load_config namespace), with the default after any that differs."""
-    lines = []
-    for key, (default, allowed, meaning) in KEYS.items():
-        value = getattr(cfg, key)
-        differs = f" (default {default!r})" if value != default else ""
-        lines.append(f"  {f'--{key}={value!r}':28s} {meaning}; {in_words(default, allowed)}{differs}")
-    return "\n".join(lines)
+    """Every key as --key=value with cfg's value, its meaning and allowed values, and the default where cfg differs."""
+    return "\n".join(f"  {f'--{key}={getattr(cfg, key)!r}':28s} {meaning}; {in_words(default, allowed)}"
+                     + (f" (default {default!r})" if getattr(cfg, key) != default else "")
+                     for key, (default, allowed, meaning) in KEYS.items())

@@ -84,7 +84,7 @@ def test_config_file_may_import_and_compute(tmp_path):
     (["no/such/config.py"], "cannot read config file no/such/config.py: No such file or directory"),
     (["--fsdp=True", "--optimizer=muon"], "fsdp=True does not run optimizer=muon: torch.optim.Muon's Newton-Schulz "
                                           "iteration needs whole matrices, and on FSDP's row shards its updates are "
-                                          "wrong; use fsdp=False (DDP) for Muon"),
+                                          "wrong; use fsdp=False (DDP)"),
 ])
 def test_bad_config(argv, message):
     with pytest.raises(ValueError) as e:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import numpy as np
 
 import prepare_c4
-from config import paper_config
+from tools.compare import paper_config
 from data import TrainBatches, token_dtype, write_meta, write_shard
 from tools.make_corpus import make_c4_source
 from model import LLaMA, LLaMAConfig, peak_flops

@@ -24,11 +24,18 @@ import sys
 import torch
 
 import train
-from config import KEYS, PAPER_CONFIGS, load_config, paper_config
+from config import KEYS, load_config
 from data import write_atomic
 from model import LLaMA, LLaMAConfig
 from scale import scale_param_groups
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_CONFIGS = ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")  # configs/<name>.py
+
+
+def paper_config(name):
+    """The run config of configs/<name>.py, e.g. "llama_60m" (a namespace)."""
+    return load_config([os.path.join(ROOT, "configs", f"{name}.py")])
 
 
 # -----------------------------------------------------------------------------
@@ -143,7 +150,7 @@ def claim_out_dir(path, tool):
 
 def run_one(args, optimizer, lr, seed):
     argv, out_dir = run_args(args, optimizer, lr, seed)
-    cmd = shlex.split(args.launcher) + [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py"), *argv]
+    cmd = shlex.split(args.launcher) + [os.path.join(ROOT, "train.py"), *argv]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)  # from the caller's directory, like running train.py by hand
     return read_log(os.path.join(out_dir, "log.jsonl"))

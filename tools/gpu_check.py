@@ -37,7 +37,8 @@ from tools import bench
 from tools import compare
 import model as model_py
 import train
-from config import load_config, paper_config
+from config import load_config
+from tools.compare import paper_config
 from data import write_atomic
 from model import LLaMA, LLaMAConfig
 from scale import SCALE, scale_param_groups, state_bytes
