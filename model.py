@@ -45,7 +45,8 @@ class LLaMAConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}); change dim or n_heads")
         if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even for rotary embeddings; change dim or n_heads")
+            raise ValueError(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even for rotary embeddings; "
+                             "change dim or n_heads")
 
     @classmethod
     def from_config(cls, cfg, vocab_size):
@@ -130,12 +131,9 @@ class Block(nn.Module):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """logits = h @ weight.T and their mean cross-entropy (in fp32 or wider), equal to F.linear then
-    F.cross_entropy (no ignore_index: every target must be a class). The logits are saved in their own dtype
-    (bf16 in bf16 training), and the backward computes their gradient (softmax(logits) - onehot(targets)) / N
-    in LOSS_CHUNKS chunks of tokens, each used at once by the output layer's two backward matmuls: the (N, V)
-    fp32 gradient never exists whole (a quarter of that memory; on CPU no fresh ~260 MB buffer to page in
-    every step). The output layer's module is not called here, so its forward hooks do not run in training."""
+    """logits = h @ weight.T and their mean cross-entropy in fp32, as F.linear then F.cross_entropy (no ignore_index).
+    The backward computes the logits' gradient, (softmax(logits) - onehot(targets)) / N, in LOSS_CHUNKS chunks of
+    tokens, each used at once by the two matmuls, so the (N, V) fp32 gradient never exists whole."""
 
     @staticmethod
     def forward(ctx, h, weight, targets):
@@ -188,7 +186,8 @@ class LLaMA(nn.Module):
     def forward(self, idx, targets=None):
         B, T = idx.shape
         if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}; use shorter sequences or raise max_seq_len")
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}; use shorter "
+                             "sequences or raise max_seq_len")
         x = self.tok_embeddings(idx)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer in self.layers:
@@ -197,7 +196,8 @@ class LLaMA(nn.Module):
         if targets is None:
             return self.lm_head(x), None
         if self.lm_head.bias is not None:  # the fused loss below uses lm_head.weight alone
-            raise ValueError("lm_head has a bias, which the training loss would ignore; use bias=False or add the bias in LinearCrossEntropy")
+            raise ValueError("lm_head has a bias, which the training loss would ignore; use bias=False or add the bias "
+                             "in LinearCrossEntropy")
         logits, loss = LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
         return logits.view(B, T, -1), loss  # logits without grad: only the loss is differentiable
 
