@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from data import Windows, load_meta
 from sample import ArgumentParser, load_model, pick_device
-from train import autocast_for, evaluate, init_distributed, process_device
+from train import autocast_for, evaluate, init_distributed
 
 
 def eval_tokens_of(text, data_dir, split, seq_len):
@@ -59,8 +59,7 @@ def main(argv=None):
         if "RANK" in os.environ and args.device:
             raise ValueError("under torchrun each process takes cuda:LOCAL_RANK (or the CPU without GPUs): "
                              "drop --device")
-        rank, local_rank, world_size = init_distributed()
-        device = process_device(local_rank)  # as train.py: the same device and TF32 setting, the same numbers
+        rank, world_size, device = init_distributed()  # as train.py: the same device and TF32, the same numbers
         device = pick_device(args.device) if args.device else device
         model, info = load_model(args.ckpt, device)
         run = info["config"]

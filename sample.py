@@ -17,9 +17,10 @@ import sys
 
 import torch
 
+from checkpoint import CKPT, latest_checkpoint, read_checkpoint
 from model import LLaMA, LLaMAConfig
 from prepare_c4 import get_encoding
-from train import CKPT, latest_checkpoint, read_checkpoint, set_param_dtypes
+from train import set_param_dtypes
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -41,10 +41,11 @@ def ckpt_of(run):
 
 
 def exit_message(main, argv):
-    """The one-line message main(argv) exits with."""
+    """The message main(argv) exits with: one line, and at most one more, indented, of detail."""
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
+    lines = e.value.code.split("\n") if isinstance(e.value.code, str) else None
+    assert lines and (len(lines) == 1 or len(lines) == 2 and lines[1].startswith("  ")), e.value.code
     return e.value.code
 
 

@@ -25,9 +25,9 @@ import sys
 
 import torch
 
+from checkpoint import CKPT
 from data import write_atomic
 from tools import compare
-from train import CKPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the runs: configs/tiny.py's shape and data at the 1B/7B recipe's lrs (warmup 10% and cosine to 0.1, as the paper)
