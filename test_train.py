@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from tools import compare
+import config
 import train
+from tools import compare
 from config import DEFAULTS, load_config
 from model import LLaMA, LLaMAConfig
 from scale import SCALE, scale_param_groups
@@ -533,6 +534,32 @@ def test_optimizers_without_state_resume_exactly(byte_data, tmp_path, momentum):
     a, b = load_ckpt(tmp_path / "whole"), load_ckpt(tmp_path / "resumed")
     assert identical(a["model"], b["model"]) and identical(a["optimizers"], b["optimizers"])
     assert (a["optimizers"][0]["state"] == {}) == (momentum == 0)
+
+
+class SignSGD(torch.optim.Optimizer):
+    """A user's optimizer, as the README adds one: no state, and a step() that takes no closure."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self):
+        for p in (p for group in self.param_groups for p in group["params"] if p.grad is not None):
+            p.add_(p.grad.sign(), alpha=-self.param_groups[0]["lr"])
+
+
+def test_a_users_optimizer_is_a_function_and_a_config_choice_and_resumes(byte_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "signsgd", lambda model, cfg: SignSGD(model.parameters(), cfg.lr), raising=False)
+    default, choices, meaning = config.KEYS["optimizer"]
+    monkeypatch.setitem(config.KEYS, "optimizer", (default, choices + ("signsgd",), meaning))
+    args = dict(optimizer="signsgd", lr=3e-3, max_steps=20)
+    train.main(tiny_args(byte_data, str(tmp_path / "whole"), **args))
+    val = events(read_log(tmp_path / "whole"), "eval", "val_loss")
+    assert val[-1] < val[0] - 0.5, val
+    os.makedirs(tmp_path / "resumed")
+    shutil.copy(tmp_path / "whole" / "ckpt_prev.pt", tmp_path / "resumed" / "ckpt.pt")  # step 10
+    train.main(tiny_args(byte_data, str(tmp_path / "resumed"), resume=True, **args))
+    assert identical(load_ckpt(tmp_path / "whole")["model"], load_ckpt(tmp_path / "resumed")["model"])
 
 
 @pytest.mark.slow
