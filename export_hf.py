@@ -2,13 +2,14 @@
 Export a train.py checkpoint as a Hugging Face model directory, for transformers' generate and lm-evaluation-harness:
 
     python export_hf.py --ckpt out/tiny/ckpt.pt --out_dir hf/tiny
-    lm_eval --model hf --model_args pretrained=hf/tiny,add_bos_token=True --tasks hellaswag --batch_size 16
+    lm_eval --model hf --model_args pretrained=hf/tiny,add_bos_token=False --system_instruction "<|endoftext|>" \\
+        --tasks wikitext,hellaswag --batch_size 16
 
 The directory holds config.json, generation_config.json and model.safetensors, written by
 transformers.LlamaForCausalLM.save_pretrained (model.py is the same network: the logits are ours), in the
 checkpoint's param dtype (bf16 for dtype=bfloat16, else fp32), and the checkpoint's tiktoken tokenizer converted by
-transformers' TikTokenConverter (tokenizer.json, tokenizer_config.json; <|endoftext|> is its bos and eos token, and
-the tokenizer starts each text with it, as the training documents start), so
+transformers' TikTokenConverter (tokenizer.json, tokenizer_config.json; <|endoftext|> is its bos, eos and pad token,
+and the tokenizer starts each text with it, as the training documents start), so
 AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it offline. Needs transformers
 (pip install transformers); the rest of the repo does not.
 """
@@ -70,9 +71,9 @@ def hf_model(model, eot_id=None):
 
 def hf_tokenizer(enc, eot_id, context):
     """A tiktoken Encoding -> a transformers fast tokenizer that encodes as it does (byte-level BPE with its ranks,
-    pattern and special tokens), with the eot token as bos and eos, added before each text (add_special_tokens=False:
-    not), and model_max_length = context. Raises ValueError if the conversion does not encode CHECK_TEXTS exactly as
-    tiktoken does."""
+    pattern and special tokens), with the eot token as bos, eos and pad (left), added before each text
+    (add_special_tokens=False: not), and model_max_length = context. Raises ValueError if the conversion does not
+    encode CHECK_TEXTS exactly as tiktoken does."""
     transformers = import_transformers()
     from tokenizers import processors  # transformers' own dependency
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -87,13 +88,13 @@ def hf_tokenizer(enc, eot_id, context):
     added = [special.get(i, f"<|unused_{i}|>") for i in range(len(ranks), enc.n_vocab)]
     converted = FromRanks(vocab_file=ranks, pattern=enc._pat_str, extra_special_tokens=added).converted()
     eot = enc.decode([eot_id])
-    # every training document starts with eot: tok(text) starts with it too, as sample.py's prompt does (and
-    # lm-evaluation-harness's add_bos_token asks the tokenizer for it); tok(text, add_special_tokens=False) does not
+    # every training document starts with eot: tok(text) starts with it too, as sample.py's prompt does;
+    # tok(text, add_special_tokens=False) does not
     converted.post_processor = processors.Sequence([converted.post_processor, processors.TemplateProcessing(
         single=f"{eot} $A", pair=f"{eot} $A {eot} $B", special_tokens=[(eot, eot_id)])])
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=eot, eos_token=eot,
-                                               model_max_length=context,
-                                               model_input_names=["input_ids", "attention_mask"])  # as generate takes
+    tok = transformers.PreTrainedTokenizerFast(  # a pad token, on the left as generate wants, batches pipelines
+        tokenizer_object=converted, bos_token=eot, eos_token=eot, pad_token=eot, padding_side="left",
+        model_max_length=context, model_input_names=["input_ids", "attention_mask"])  # what generate takes
     for text in CHECK_TEXTS:
         ours = [eot_id, *enc.encode(text, allowed_special="all")]
         theirs = tok.encode(text)
@@ -162,7 +163,8 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint, e.g. out/tiny/ckpt.pt, or a run's out_dir")
     p.add_argument("--out_dir", required=True, help="the directory to write (it must not exist, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it holds a previous export")
-    p.add_argument("--tokenizer", help="for a checkpoint that does not record it: the tokenizer of its data (byte, gpt2)")
+    p.add_argument("--tokenizer",
+                   help="for a checkpoint that does not record it: the tokenizer of its data (byte, gpt2)")
     try:
         args = p.parse_args(argv)
         check_out_dir(args.out_dir, args.overwrite)

@@ -294,6 +294,7 @@ def test_exported_byte_tokenizer_loads_offline_and_encodes_like_tiktoken(runs, t
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == text.replace("<|endoftext|>", ""), text
     assert tok("a", "b").input_ids == [256, 97, 256, 98]  # a pair as two documents
     assert (tok.eos_token, tok.eos_token_id, tok.bos_token_id, tok.model_max_length) == ("<|endoftext|>", 256, 256, 32)
+    assert (tok.pad_token_id, tok.padding_side) == (256, "left")  # batches for generate
 
 
 def tiktoken_byte():
@@ -428,6 +429,82 @@ def test_export_without_transformers_is_one_line(runs, tmp_path, monkeypatch):
         "error: export_hf.py needs transformers: pip install transformers")
     assert os.listdir(tmp_path) == []
 
+
+
+@pytest.mark.optional
+def test_batched_pipeline_generates_sample_py_text(runs, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
+    pipe = transformers.pipeline("text-generation", model=hf_export(runs["float32"], tmp_path), batch_size=2)
+    capsys.readouterr()  # the export's line
+    prompts = ["The ", "And the sea was"]  # of different lengths: the batch is padded
+    texts = [out[0]["generated_text"] for out in pipe(prompts, do_sample=False, max_new_tokens=10)]
+    assert texts == [sample_text(capsys, runs["float32"], "--prompt", prompt, "--temperature=0",
+                                 "--max_new_tokens=10").removesuffix("\n") for prompt in prompts]
+
+
+def our_logprobs(model, ids):
+    """log p(ids[i] | ids[:i]) of our model for i >= 1 (ids within its context), in float64."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]]))[0][0].double()
+    return logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def our_rolling(model, ids):
+    """The log-likelihood of ids[1:] in windows of the context as lm-evaluation-harness scores a document: the first
+    window predicts context tokens, each next one the next context tokens (the last one the rest) after the
+    context tokens before them."""
+    T, total = model.config.max_seq_len, 0.0
+    for first in range(1, len(ids), T):
+        last = min(first + T, len(ids))
+        window = ids[max(0, last - 1 - T):last]
+        total += sum(our_logprobs(model, window)[len(window) - 1 - (last - first):])
+    return total
+
+
+@pytest.mark.optional
+def test_lm_eval_scores_the_export_as_our_model_after_one_eot(runs, tmp_path):
+    """The README's command (model_args, --system_instruction, --gen_kwargs) on one task of each kind, built here:
+    a document's rolling log-likelihood is ours after one <|endoftext|>, a choice's log-likelihood ours after one
+    before the context (a description follows it after a blank line), a greedy generation sample.py's."""
+    pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
+    lm_eval = pytest.importorskip("lm_eval", reason="lm_eval not installed: lm-evaluation-harness tests skipped")
+    import datasets  # lm_eval's dependency
+    out = hf_export(runs["float32"], tmp_path)
+
+    def task(name, rows, **config):
+        data = datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+        return dict(task=name, custom_dataset=lambda **kw: data, test_split="test", **config)
+
+    docs = ["And God said, Let there be light.", "x", "y" * 64,  # 1 to 4 windows of 32 tokens
+            "In the beginning God created the heaven and the earth. And the earth was without form, and void."]
+    mc = [{"ctx": "And God said", "choices": ["Let", "light", " there be"]}, {"ctx": "The cat sat on the",
+                                                                              "choices": ["mat", "dog"]}]
+    mc_config = dict(output_type="multiple_choice", doc_to_text="{{ctx}}", doc_to_choice="{{choices}}",
+                     doc_to_target="0", metric_list=[{"metric": "acc"}])
+    tasks = [task("ppl", [{"text": d} for d in docs], output_type="loglikelihood_rolling", doc_to_text="",
+                  doc_to_target="{{text}}", metric_list=[{"metric": "word_perplexity"}]),
+             task("mc", mc, **mc_config), task("described", mc, description="Q:", **mc_config),
+             task("gen", [{"q": "And God said"}, {"q": "In the"}], output_type="generate_until",
+                  doc_to_text="{{q}}", doc_to_target="", metric_list=[{"metric": "exact_match"}],
+                  generation_kwargs={"until": ["\n"], "do_sample": False})]
+    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},add_bos_token=False", tasks=tasks,
+                                      system_instruction="<|endoftext|>", gen_kwargs="max_gen_toks=8",
+                                      batch_size=2, device="cpu", log_samples=True)
+    model, _ = sample.load_model(runs["float32"], torch.device("cpu"))
+    enc, eot = tiktoken_byte(), 256
+    scored = {name: sorted(samples, key=lambda s: s["doc_id"]) for name, samples in results["samples"].items()}
+    assert [s["resps"][0][0] for s in scored["ppl"]] == pytest.approx(
+        [our_rolling(model, [eot, *enc.encode(d)]) for d in docs], abs=1e-4)
+    for name, before in (("mc", ""), ("described", "\n\nQ:")):
+        for s, doc in zip(scored[name], mc, strict=True):
+            context = [eot, *enc.encode(before + doc["ctx"])]
+            assert [r[0][0] for r in s["resps"]] == pytest.approx(
+                [sum(our_logprobs(model, context + enc.encode(" " + c))[len(context) - 1:])
+                 for c in doc["choices"]], abs=1e-4)
+    for s in scored["gen"]:
+        ids = [eot, *enc.encode(s["doc"]["q"])]
+        new = sample.generate(model, torch.tensor([ids]), 8, temperature=0)[0, len(ids):].tolist()
+        assert s["resps"][0][0] == enc.decode(new[:new.index(eot)] if eot in new else new).split("\n")[0]
 
 # -----------------------------------------------------------------------------
 # eval.py
