@@ -65,7 +65,8 @@ def main(argv=None):
         run = info["config"]
         data_dir = args.data_dir or run["data_dir"]
         check_data(info, data_dir)
-        cfg = SimpleNamespace(data_dir=data_dir, seq_len=run["seq_len"], batch_size=args.batch_size or run["batch_size"],
+        cfg = SimpleNamespace(data_dir=data_dir, seq_len=run["seq_len"],
+                              batch_size=args.batch_size or run["batch_size"],
                               eval_tokens=eval_tokens_of(args.eval_tokens, data_dir, args.split, run["seq_len"])
                               if args.eval_tokens else run["eval_tokens"])
         log = print if master else lambda text: None

@@ -40,7 +40,8 @@ def load_model(path, device):
     if os.path.isdir(path):
         found = latest_checkpoint(path)
         if found is None:
-            raise ValueError(f"{path} holds no {CKPT}; pass a train.py checkpoint or the out_dir of a run that wrote one")
+            raise ValueError(f"{path} holds no {CKPT}; pass a train.py checkpoint or the out_dir of a run that "
+                             "wrote one")
         path = found
     elif not os.path.exists(path):
         raise ValueError(f"no checkpoint at {path}; pass a train.py checkpoint, e.g. --ckpt out/tiny/{CKPT}")
@@ -68,7 +69,8 @@ def checkpoint_tokenizer(info, name=None):
     path, recorded = info["path"], info["tokenizer"]
     if recorded is None and name is None:
         raise ValueError(f"{path} does not record its tokenizer (it predates checkpoints that do); pass "
-                         "--tokenizer=NAME, the \"tokenizer\" in the meta.json of the data it was trained on (e.g. byte)")
+                         "--tokenizer=NAME, the \"tokenizer\" in the meta.json of the data it was trained on "
+                         "(e.g. byte)")
     if recorded is not None and name not in (None, recorded):
         raise ValueError(f"{path} was trained with tokenizer {recorded}, not {name}: drop --tokenizer")
     enc = get_encoding(recorded or name)
@@ -142,7 +144,8 @@ def main(argv=None):
     p.add_argument("--num_samples", type=int, default=1, help="samples to print")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (the same seed, the same samples)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
-    p.add_argument("--tokenizer", help="for a checkpoint that does not record it: the tokenizer of its data (byte, gpt2)")
+    p.add_argument("--tokenizer",
+                   help="for a checkpoint that does not record it: the tokenizer of its data (byte, gpt2)")
     try:
         args = p.parse_args(argv)
         for name, low in (("max_new_tokens", 0), ("top_k", 0), ("num_samples", 1), ("seed", 0)):

@@ -167,7 +167,8 @@ def test_old_checkpoint_without_tokenizer_needs_the_flag(runs, tmp_path, capsys)
     (["--temperature=-1"], "error: --temperature must be >= 0 and finite (0 = greedy), got -1.0"),
     (["--top_k=-1"], "error: --top_k must be >= 0, got -1"),
     (["--num_samples=0"], "error: --num_samples must be >= 1, got 0"),
-    (["--max_new_tokens=ten"], "error: argument --max_new_tokens: invalid int value: 'ten'; see python sample.py --help"),
+    (["--max_new_tokens=ten"], "error: argument --max_new_tokens: invalid int value: 'ten'; "
+                               "see python sample.py --help"),
     (["--tokenizer", "gpt2"], "error: {ckpt} was trained with tokenizer byte, not gpt2: drop --tokenizer"),
 ])
 def test_sample_bad_input_is_one_line(runs, args, message):
