@@ -161,7 +161,8 @@ def write_dir(out_dir, overwrite, write):
 def main(argv=None):
     p = ArgumentParser(prog="export_hf.py", description="Export a train.py checkpoint as a Hugging Face model dir.")
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint, e.g. out/tiny/ckpt.pt, or a run's out_dir")
-    p.add_argument("--out_dir", required=True, help="the directory to write (it must not exist, unless --overwrite)")
+    p.add_argument("--out_dir", required=True,
+                   help="the directory to write (it must not exist, or hold a previous export and --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it holds a previous export")
     p.add_argument("--tokenizer",
                    help="for a checkpoint that does not record it: the tokenizer of its data (byte, gpt2)")
