@@ -469,6 +469,7 @@ def test_lm_eval_scores_the_export_as_our_model_after_one_eot(runs, tmp_path):
     before the context (a description follows it after a blank line), a greedy generation sample.py's."""
     pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
     lm_eval = pytest.importorskip("lm_eval", reason="lm_eval not installed: lm-evaluation-harness tests skipped")
+    pytest.importorskip("accelerate", reason="accelerate not installed (lm_eval's hf model needs it): skipped")
     import datasets  # lm_eval's dependency
     out = hf_export(runs["float32"], tmp_path)
 
