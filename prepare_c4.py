@@ -18,15 +18,16 @@ import gzip
 import itertools
 import json
 import math
-import multiprocessing as mp
+import multiprocessing.connection
 import os
-import queue
 import shutil
 import signal
 import socket
 import sys
 import threading
 import time
+from concurrent.futures import wait
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 
 import numpy as np
 import tiktoken
@@ -163,9 +164,9 @@ def tokenize_split(split, chunks, pool, args):
         print(f"{start}{split}: {n_docs:,} docs{note}, {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} "
               f"tokens/s{end}", end="", file=sys.stderr, flush=True)
 
+    work = functools.partial(tokenize, args.tokenizer)
     try:
-        work = functools.partial(tokenize, args.tokenizer)
-        for docs, repaired, tokens in pool.imap(work, chunks) if pool else map(work, chunks):
+        for docs, repaired, tokens in pool_map(pool, work, chunks, 2 * args.workers) if pool else map(work, chunks):
             n_docs, n_repaired, n_tokens = n_docs + docs, n_repaired + repaired, n_tokens + len(tokens)
             max_id = max(max_id, int(tokens.max(initial=0)))
             buf.append(tokens)
@@ -185,6 +186,56 @@ def tokenize_split(split, chunks, pool, args):
         flush(np.concatenate(buf))
     return {"shards": names, "tokens": n_tokens, "documents": n_docs, "repaired_documents": n_repaired,
             "max_token_id": max_id}
+
+
+def pool_map(pool, fn, items, ahead):
+    """fn(item) for each item, in order, by pool's workers, with at most `ahead` items in flight."""
+    items, futures = iter(items), collections.deque()
+    while True:
+        futures.extend(pool.submit(fn, item) for item in itertools.islice(items, ahead - len(futures)))
+        if not futures:
+            return
+        while not wait([futures[0]], timeout=1).done:  # a worker that died sending its result leaves the pool
+            if any(p.exitcode is not None for p in pool._processes.values()):  # waiting for the rest of it
+                raise BrokenProcessPool
+        yield futures.popleft().result()
+
+
+def start_worker():
+    """Leave Ctrl-C and SIGTERM, which may reach every process of a run (a terminal, timeout, SLURM), to the parent,
+    which then kills the workers; exit once the parent is gone."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def exit_with_parent(parent):
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+
+
+def dead_worker(pool):
+    """The DataError for a pool broken by a worker's death: which worker, and how it died."""
+    procs = list(pool._processes.values())  # in start order
+    ready = multiprocessing.connection.wait([p.sentinel for p in procs])  # the dead one, and any that exited since
+    for p in procs:
+        if p.sentinel in ready:
+            p.join()
+    k = next((k for k, p in enumerate(procs) if p.exitcode), [p.sentinel for p in procs].index(ready[0]))
+    code = procs[k].exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    return DataError(f"worker process {k} died ({how}); the output dir is as it was: rerun, with fewer --workers if it "
+                     "ran out of memory")
+
+
+def stop(pool):
+    """Kill pool's workers and shut it down (kill_workers from Python 3.14)."""
+    if pool:
+        for p in list(pool._processes.values()):
+            p.kill()
+        pool._result_queue._writer.close()  # the last writer of results: one cut off by a death now ends (EOF)
+        pool.shutdown(cancel_futures=True)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -221,18 +272,18 @@ def main(argv=None):
             "shard_tokens": args.shard_tokens, "splits": {}}
     pool = None
     try:
-        pool = Workers(args.workers) if args.workers > 1 else None
+        if args.workers > 1:
+            pool = ProcessPoolExecutor(args.workers, initializer=start_worker)
         for split in ("train", "val"):
             meta["splits"][split] = tokenize_split(split, chunks[split], pool, args)
-    except BaseException:  # an error, Ctrl-C or SIGTERM: remove our staged files, an older dataset stays intact
+    except BaseException as e:  # an error, Ctrl-C or SIGTERM: remove our staged files, an older dataset stays intact
         with uninterruptible():
-            if pool:
-                pool.close()
+            error = dead_worker(pool) if isinstance(e, BrokenProcessPool) else e
+            stop(pool)
             remove_shards(args.out_dir, suffixes=(".new", ".tmp"))
-        raise
+        raise error
     with uninterruptible():  # a moment; SIGKILL here leaves no meta.json, so the data is refused until a rerun
-        if pool:
-            pool.close()
+        stop(pool)
         install(args.out_dir, meta)
     return meta
 
@@ -246,96 +297,6 @@ def uninterruptible():
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-
-
-class Workers:
-    """Worker processes for an ordered map, each with its own pipe and two items in flight, so they share no queue
-    or lock: a worker that dies (the OOM killer, a stray signal) is a DataError here, not a hang as in
-    multiprocessing.Pool, and stopping them is killing them. They ignore Ctrl-C and SIGTERM, which may reach every
-    process of a run (a terminal, timeout, SLURM, systemd): the parent acts on those. When the parent is gone,
-    they exit quietly."""
-
-    def __init__(self, n):
-        self.procs, self.conns = [], []
-        try:
-            for _ in range(n):
-                conn, child = mp.Pipe()
-                proc = mp.Process(target=serve, args=(child, conn), daemon=True)
-                proc.start()
-                child.close()
-                self.procs.append(proc)
-                self.conns.append(conn)
-        except BaseException:  # Ctrl-C while starting: kill the ones started (SIGTERM at exit would not stop them)
-            self.close()
-            raise
-
-    def imap(self, fn, items):
-        """fn(item) for each item, in order, as a generator; an exception raised by fn is raised here."""
-        items, busy = iter(items), collections.deque()  # busy: the worker of each item in flight, oldest first
-
-        def feed(k):
-            for item in itertools.islice(items, 1):
-                try:
-                    self.conns[k].send((fn, item))
-                except OSError:
-                    raise self.died(k) from None
-                busy.append(k)
-
-        for k in list(range(len(self.conns))) * 2:  # two items in flight per worker: it never waits for the next
-            feed(k)
-        while busy:
-            k = busy.popleft()
-            try:
-                ok, result = self.conns[k].recv()
-            except (EOFError, OSError):
-                raise self.died(k) from None
-            feed(k)
-            if not ok:
-                raise result
-            yield result
-
-    def died(self, k):
-        self.procs[k].join()
-        code = self.procs[k].exitcode
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        return DataError(f"worker process {k} died ({how}); the output dir is as it was: rerun, with fewer --workers "
-                         "if it ran out of memory")
-
-    def close(self):
-        for p in self.procs:
-            p.kill()
-        for p in self.procs:
-            p.join()
-
-
-def serve(conn, parent_end):
-    """A worker: (fn, item) in, (True, fn(item)) or (False, the exception) out, in order, until the parent is gone.
-    A thread takes the items in as they come, so the parent's sends never wait on this worker's work: both sides
-    may block on a write without a deadlock."""
-    parent_end.close()  # fork copied it; closed, the parent's death is an EOF here (a later worker holds copies
-    # of earlier ones' parent ends, but the last worker's pipe is private: they exit last to first)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    inbox = queue.SimpleQueue()
-
-    def receive():
-        try:
-            while True:
-                inbox.put(conn.recv())
-        except (EOFError, OSError):
-            inbox.put(None)
-
-    threading.Thread(target=receive, daemon=True).start()
-    while (task := inbox.get()) is not None:
-        fn, item = task
-        try:
-            result = True, fn(item)
-        except Exception as e:
-            result = False, e
-        try:
-            conn.send(result)
-        except OSError:
-            return  # the parent is gone
 
 
 def remove_shards(out_dir, suffixes=(".bin", ".new", ".tmp"), keep=()):

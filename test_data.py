@@ -9,6 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -204,6 +206,30 @@ def test_dead_worker_is_a_one_line_error(byte_data, big_source, tmp_path):
     assert re.search(r"\nerror: worker process [01] died \(killed by SIGKILL\); the output dir is as it was: rerun, "
                      r"with fewer --workers if it ran out of memory\n$", err), err
     assert dir_bytes(tmp_path) == dir_bytes(byte_data)
+
+
+POOL = None  # test_a_worker_killed_while_sending_its_result_is_a_one_line_error's, which its (forked) workers see
+
+
+def die_sending_a_result(item):
+    """In a worker: the first bytes of a 1 MiB result, then death (as by the OOM killer)."""
+    os.write(POOL._result_queue._writer.fileno(), (1 << 20).to_bytes(4, "big") + b"cut off")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_killed_while_sending_its_result_is_a_one_line_error():
+    """The pool's reader of results then waits for the rest of it forever: the run must notice the death itself."""
+    global POOL
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the workers see POOL as the test set it only with fork")
+    POOL, t0 = ProcessPoolExecutor(2, initializer=prepare_c4.start_worker), time.time()
+    with pytest.raises(BrokenProcessPool):
+        list(prepare_c4.pool_map(POOL, die_sending_a_result, range(1), 4))
+    error = prepare_c4.dead_worker(POOL)
+    prepare_c4.stop(POOL)
+    assert re.fullmatch(r"worker process [01] died \(killed by SIGKILL\); the output dir is as it was: rerun, with "
+                        r"fewer --workers if it ran out of memory", str(error))
+    assert time.time() - t0 < 10
 
 
 def test_plain_directory_and_glob(tmp_path):
