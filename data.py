@@ -130,6 +130,24 @@ def load_meta(data_dir):
     return meta
 
 
+def data_identity(meta):
+    """What a checkpoint records of the data it was trained on (a meta.json): tokenizer, vocabulary, token counts
+    and source file names (not paths: the data may move)."""
+    return {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
+            **{f"{s} tokens": meta["splits"][s]["tokens"] for s in SPLITS},
+            "source": {s: [os.path.basename(f) for f in fs] for s, fs in meta["source"]["files"].items()}}
+
+
+def check_same_data(saved, data_dir, ckpt_path):
+    """Raise DataError unless data_dir holds the data whose data_identity the checkpoint at ckpt_path saved (None,
+    in a checkpoint older than that record, passes)."""
+    now = data_identity(load_meta(data_dir))
+    changed = [key for key in saved or {} if saved[key] != now.get(key)]
+    if changed:
+        raise DataError(f"{data_dir} is not the data {ckpt_path} was trained on (its {', '.join(changed)} differ); "
+                        "use that data: prepare_c4.py with the same arguments makes it again")
+
+
 def raise_open_file_limit(want):
     """Raise this process's soft open-file limit towards want, as far as the hard limit allows (no privilege
     needed) -> the soft limit now. A default soft limit of 1024 is below what all of C4's shards would use."""

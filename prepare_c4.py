@@ -20,6 +20,7 @@ import json
 import math
 import multiprocessing.connection
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +36,8 @@ import tiktoken
 from data import DataError, token_dtype, write_meta, write_shard
 
 C4_FILES = {"train": "en/c4-train.{:05d}-of-01024.json.gz", "val": "en/c4-validation.{:05d}-of-00008.json.gz"}
+SHARD = r"(train|val)_\d{6}\.bin(\.new(\.tmp)?)?"  # a shard, staged (.new) or being written (.new.tmp)
+OURS = re.compile(rf"meta\.json(\.tmp)?|{SHARD}")  # every name prepare_c4.py writes in --out_dir
 CHUNK_DOCS = 512  # documents per work item; fixed, so the output does not depend on --workers
 PROGRESS_S = 10  # seconds between progress lines when stderr is not a terminal (a log file)
 JSON = json.JSONDecoder(strict=False)  # allows raw control characters (a tab, a NUL) in strings, as scraped text has
@@ -246,6 +249,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out_dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset that --out_dir holds")
     p.add_argument("--data_dir", help="local C4 clone, or dir/glob of json/jsonl(.gz) files (default: the hub)")
     p.add_argument("--tokenizer", default="gpt2", help="a tiktoken encoding name, or byte")
     p.add_argument("--train_shards", type=int, help="source files for train (default: 1 of C4, else all)")
@@ -255,6 +259,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.workers < 1 or args.shard_tokens < 1 or min(args.train_shards or 1, args.val_shards or 1) < 1:
         raise DataError("--workers, --shard_tokens, --train_shards and --val_shards must be positive")
+    names = os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else []
+    foreign = [name for name in sorted(names) if not OURS.fullmatch(name)]
+    if foreign:
+        raise DataError(f"--out_dir {args.out_dir} holds {foreign[0]}, which prepare_c4.py does not write; pass "
+                        "another --out_dir")
+    if "meta.json" in names and not args.overwrite:
+        raise DataError(f"--out_dir {args.out_dir} holds a prepared dataset; pass --overwrite to replace it (runs "
+                        "trained on it then refuse to resume on it), or another --out_dir")
     try:
         enc = get_encoding(args.tokenizer)
     except DataError as e:
@@ -280,7 +292,7 @@ def main(argv=None):
         with uninterruptible():
             error = dead_worker(pool) if isinstance(e, BrokenProcessPool) else e
             stop(pool)
-            remove_shards(args.out_dir, suffixes=(".new", ".tmp"))
+            remove(args.out_dir, r"(train|val)_\d{6}\.bin\.new(\.tmp)?")
         raise error
     with uninterruptible():  # a moment; SIGKILL here leaves no meta.json, so the data is refused until a rerun
         stop(pool)
@@ -299,9 +311,9 @@ def uninterruptible():
             signal.signal(sig, handler)
 
 
-def remove_shards(out_dir, suffixes=(".bin", ".new", ".tmp"), keep=()):
+def remove(out_dir, pattern, keep=()):
     for name in os.listdir(out_dir):
-        if name.startswith(("train_", "val_")) and name.endswith(suffixes) and name not in keep:
+        if re.fullmatch(pattern, name) and name not in keep:
             os.remove(os.path.join(out_dir, name))
 
 
@@ -312,7 +324,7 @@ def install(out_dir, meta):
     keep = [name for s in meta["splits"].values() for name in s["shards"]]
     for name in keep:
         os.replace(os.path.join(out_dir, name + ".new"), os.path.join(out_dir, name))
-    remove_shards(out_dir, keep=keep)
+    remove(out_dir, SHARD, keep)
     write_meta(out_dir, meta)
 
 

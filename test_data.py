@@ -105,7 +105,7 @@ def test_same_bytes_for_any_worker_count(c4_source, byte_data, tmp_path):
 
 
 def test_rerun_after_kill_gives_same_bytes(c4_source, byte_data, tmp_path, monkeypatch):
-    args = ("--train_shards", "2", "--workers", "1", "--shard_tokens", "40000")
+    args = ("--train_shards", "2", "--workers", "1", "--shard_tokens", "40000", "--overwrite")
     # killed while tokenizing: staged shards and a half-written temp file lie around
     shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
     os.remove(tmp_path / "meta.json")
@@ -149,7 +149,7 @@ def big_source(tmp_path_factory):
 def start_prepare(src, out, workers):
     """prepare_c4.py in its own process group, returned once it has staged a shard."""
     cmd = [sys.executable, "prepare_c4.py", "--data_dir", str(src), "--tokenizer", "byte", "--shard_tokens", "20000",
-           "--workers", workers, "--out_dir", str(out)]
+           "--workers", workers, "--out_dir", str(out), "--overwrite"]
     # SIGINT as a terminal's: pytest run in the background by a shell (`pytest &`) inherits it ignored, and so would
     # prepare_c4.py, as nohup intends
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=os.path.dirname(__file__), start_new_session=True,
@@ -230,6 +230,48 @@ def test_a_worker_killed_while_sending_its_result_is_a_one_line_error():
     assert re.fullmatch(r"worker process [01] died \(killed by SIGKILL\); the output dir is as it was: rerun, with "
                         r"fewer --workers if it ran out of memory", str(error))
     assert time.time() - t0 < 10
+
+
+def test_a_dataset_is_replaced_only_with_overwrite(c4_source, byte_data, tmp_path):
+    """Replaced silently, a run trained on it would resume and evaluate on other data."""
+    shutil.copytree(byte_data, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(DataError) as e:
+        prepare(tmp_path, c4_source, "--workers", "1")
+    assert str(e.value) == (f"--out_dir {tmp_path} holds a prepared dataset; pass --overwrite to replace it (runs "
+                            "trained on it then refuse to resume on it), or another --out_dir")
+    assert dir_bytes(tmp_path) == dir_bytes(byte_data)
+    prepare(tmp_path, c4_source, "--workers", "1", "--overwrite")  # 1 train file, not 2; one shard per split
+    assert sorted(os.listdir(tmp_path)) == ["meta.json", "train_000000.bin", "val_000000.bin"]
+    assert data.load_meta(tmp_path)["splits"]["train"]["tokens"] == 31404
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "train_notes.bin", "val_000000.bin.bak"])
+def test_an_out_dir_holding_what_prepare_c4_did_not_write_is_refused(c4_source, byte_data, tmp_path, name):
+    out = tmp_path / "out"
+    shutil.copytree(byte_data, out)
+    (out / name).write_text("mine")
+    before = dir_bytes(out)
+    for extra in ((), ("--overwrite",)):
+        with pytest.raises(DataError) as e:
+            prepare(out, c4_source, "--workers", "1", *extra)
+        assert str(e.value) == (f"--out_dir {out} holds {name}, which prepare_c4.py does not write; pass "
+                                "another --out_dir")
+        assert dir_bytes(out) == before
+
+
+def test_check_same_data_names_what_differs(c4_source, byte_data, tmp_path):
+    saved = data.data_identity(data.load_meta(byte_data))
+    assert saved == {"tokenizer": "byte", "vocab_size": 257, "train tokens": 62885, "val tokens": 15655,
+                     "source": {s: [os.path.basename(f) for f in fs] for s, fs in SPLIT_FILES.items()}}
+    moved = tmp_path / "moved"
+    shutil.copytree(byte_data, moved)
+    data.check_same_data(saved, moved, "out/ckpt.pt")  # the same data, elsewhere
+    data.check_same_data(None, moved, "out/ckpt.pt")  # a checkpoint from before data_identity
+    prepare(moved, c4_source, "--workers", "1", "--overwrite")  # 1 train file, not 2
+    with pytest.raises(DataError) as e:
+        data.check_same_data(saved, moved, "out/ckpt.pt")
+    assert str(e.value) == (f"{moved} is not the data out/ckpt.pt was trained on (its train tokens, source differ); "
+                            "use that data: prepare_c4.py with the same arguments makes it again")
 
 
 def test_plain_directory_and_glob(tmp_path):
@@ -346,7 +388,7 @@ def test_bad_file_leaves_existing_data_intact(byte_data, tmp_path, content, mess
     bad = src / "en/c4-validation.00000-of-00008.json.gz"
     bad.write_bytes(content if content == b"garbage" else gzip.compress(content))
     with pytest.raises(DataError) as e:
-        prepare(out, src, "--workers", workers)
+        prepare(out, src, "--workers", workers, "--overwrite")
     assert str(e.value) == message.format(f=bad)
     assert dir_bytes(out) == dir_bytes(byte_data)
 
