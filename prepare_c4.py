@@ -8,7 +8,8 @@ shards of --shard_tokens tokens; the output is the same for any --workers. Text 
 (invalid UTF-8 in a file, a lone surrogate escape in its JSON) is repaired to U+FFFD as tiktoken's
 encode_ordinary does, and counted in meta.json. Shards are staged as *.new and moved into place once all input
 is tokenized, meta.json last: a failed or killed run never leaves a dataset that looks complete, Ctrl-C or
-SIGTERM removes the staged shards and exits with one line, and rerunning gives byte-identical output."""
+SIGTERM removes the staged shards and exits with one line, and rerunning gives byte-identical output.
+Exit status: 0 done; 1 any error, bad arguments too (one line on stderr, as train.py's); 130 interrupted."""
 import argparse
 import collections
 import contextlib
@@ -413,7 +414,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     try:
         main()
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad input (DataError is a ValueError), an --out_dir it cannot write
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("interrupted: removed this run's staged shards, the output dir is as it was; rerun to prepare the data",

@@ -430,6 +430,19 @@ def test_cli_prints_one_error_line(tmp_path, args, message):
     assert r.returncode == 1 and r.stdout == "" and r.stderr == message + "\n"
 
 
+def test_every_error_exits_1_in_one_line_usage_errors_too(c4_source, byte_data, tmp_path):
+    (tmp_path / "file").write_text("")
+    for args, message in [
+        ([], "the following arguments are required: --out_dir; see python prepare_c4.py --help"),
+        (["--out_dir", str(byte_data)], f"--out_dir {byte_data} holds a prepared dataset; pass --overwrite to replace "
+                                        "it (runs trained on it then refuse to resume on it), or another --out_dir"),
+        (["--out_dir", str(tmp_path / "file" / "o")], f"[Errno 20] Not a directory: '{tmp_path / 'file' / 'o'}'"),
+    ]:
+        r = subprocess.run([sys.executable, "prepare_c4.py", "--data_dir", str(c4_source), "--tokenizer", "byte", *args],
+                           capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", f"error: {message}\n")
+
+
 # ---------------------------------------------------------------- shard format
 
 
@@ -702,7 +715,8 @@ def test_val_too_few_tokens(byte_data):
 
 
 def test_make_corpus_cli_writes_a_c4_layout_and_refuses_to_overwrite(tmp_path):
-    cmd = [sys.executable, "-m", "tools.make_corpus", "--out_dir", str(tmp_path), "--train_docs", "7", "--val_docs", "3"]
+    cmd = [sys.executable, "-m", "tools.make_corpus", "--out_dir", str(tmp_path), "--train_docs", "7",
+           "--val_docs", "3"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert p.returncode == 0, p.stderr
     names = {"c4-train.00000-of-01024.json.gz": 7, "c4-validation.00000-of-00008.json.gz": 3}
@@ -713,8 +727,12 @@ def test_make_corpus_cli_writes_a_c4_layout_and_refuses_to_overwrite(tmp_path):
         assert len(lines) == n and all(isinstance(r["text"], str) and r["text"] for r in lines)
     before = (tmp_path / "en" / "c4-train.00000-of-01024.json.gz").read_bytes()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__))
-    assert p.returncode == 1 and p.stderr == f"error: {tmp_path / 'en'} exists already; give another --out_dir or remove it\n"
+    assert p.returncode == 1
+    assert p.stderr == f"error: {tmp_path / 'en'} exists already; give another --out_dir or remove it\n"
     assert (tmp_path / "en" / "c4-train.00000-of-01024.json.gz").read_bytes() == before
+    p = subprocess.run(cmd + ["--train_docs", "x"], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert (p.returncode, p.stderr) == (1, "error: argument --train_docs: invalid int value: 'x'; see python -m "
+                                           "tools.make_corpus --help\n")
 
 
 def test_seq_len_beyond_the_val_data_asks_for_a_shorter_seq_len(byte_data):
