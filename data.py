@@ -18,6 +18,7 @@ HEADER = 4  # int64 fields
 HEADER_BYTES = HEADER * 8
 DTYPES = {2: np.uint16, 4: np.uint32}
 SPLITS = ("train", "val")
+BUNDLED = {"kjv_byte": "assets/kjv"}  # data dir name: the sample in this repository (assets/kjv/SOURCE.md)
 
 
 class DataError(ValueError):
@@ -26,6 +27,23 @@ class DataError(ValueError):
 
 def token_dtype(vocab_size):
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def bundled_source(data_dir):
+    """The bundled sample (an absolute path) that a data dir of this name (e.g. data/kjv_byte) is prepared from,
+    or None."""
+    name = BUNDLED.get(os.path.basename(os.path.normpath(data_dir)))
+    return name and os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+
+
+def prepare_command(data_dir, whole=True):
+    """The prepare_c4.py command that prepares data_dir (again); unless whole, only 'prepare_c4.py' (the user's
+    own command) for a data dir not named after a bundled sample."""
+    source = BUNDLED.get(os.path.basename(os.path.normpath(data_dir)))
+    if not (whole or source):
+        return "prepare_c4.py"
+    return (f"prepare_c4.py --out_dir {data_dir}" + (f" --data_dir {source} --tokenizer byte" if source else "")
+            + (" --overwrite" if os.path.exists(os.path.join(data_dir, "meta.json")) else ""))
 
 
 def write_atomic(path, write, previous=None):
@@ -57,27 +75,28 @@ def write_shard(path, tokens):
 def read_header(path, dtype=None):
     """-> (dtype, n_tokens), checking magic, version, file size and, if dtype is given (what meta.json says the
     tokens are), the token dtype."""
+    redo = f"re-run {prepare_command(os.path.dirname(path), whole=False)}"
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
         size = os.path.getsize(path)
     except OSError as e:
-        raise DataError(f"cannot read shard {path}: {e.strerror}; re-run prepare_c4.py") from None
+        raise DataError(f"cannot read shard {path}: {e.strerror}; {redo}") from None
     if len(raw) < HEADER_BYTES:
-        raise DataError(f"shard {path} is truncated ({size} bytes, no full header); re-run prepare_c4.py")
+        raise DataError(f"shard {path} is truncated ({size} bytes, no full header); {redo}")
     magic, version, itemsize, n = np.frombuffer(raw, dtype="<i8").tolist()
     if magic != MAGIC:
-        raise DataError(f"{path} is not a token shard (bad magic number); re-run prepare_c4.py")
+        raise DataError(f"{path} is not a token shard (bad magic number); {redo}")
     if version != VERSION:
-        raise DataError(f"shard {path} has format version {version}, this code reads {VERSION}; re-run prepare_c4.py")
+        raise DataError(f"shard {path} has format version {version}, this code reads {VERSION}; {redo}")
     if itemsize not in DTYPES:
-        raise DataError(f"shard {path} has unknown token size {itemsize} bytes; re-run prepare_c4.py")
+        raise DataError(f"shard {path} has unknown token size {itemsize} bytes; {redo}")
     if size != HEADER_BYTES + n * itemsize:
         raise DataError(f"shard {path} is truncated or corrupt: {size} bytes, header says "
-                        f"{HEADER_BYTES + n * itemsize}; re-run prepare_c4.py")
+                        f"{HEADER_BYTES + n * itemsize}; {redo}")
     if dtype is not None and np.dtype(dtype) != DTYPES[itemsize]:
         raise DataError(f"shard {path} holds {np.dtype(DTYPES[itemsize])} tokens but meta.json says "
-                        f"{np.dtype(dtype)}; the shard and meta.json come from different runs: re-run prepare_c4.py")
+                        f"{np.dtype(dtype)}; the shard and meta.json come from different runs: {redo}")
     return np.dtype(DTYPES[itemsize]), n
 
 
@@ -99,7 +118,7 @@ def load_meta(data_dir):
     checked without them. Raises DataError."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isdir(data_dir):
-        raise DataError(f"data dir {data_dir} does not exist; run prepare_c4.py --out_dir {data_dir} first")
+        raise DataError(f"data dir {data_dir} does not exist; run {prepare_command(data_dir)} first")
     try:
         with open(path) as f:
             meta = json.load(f)
@@ -113,20 +132,18 @@ def load_meta(data_dir):
         if not all(type(v) is int for v in (vocab, n_vocab, max_id)):
             raise TypeError("vocab_size, tokenizer_vocab_size and max_token_id must be integers")
     except FileNotFoundError:
-        raise DataError(f"{path} is missing (preparation never finished?); "
-                        f"run prepare_c4.py --out_dir {data_dir}") from None
+        raise DataError(f"{path} is missing (preparation never finished?); run {prepare_command(data_dir)}") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path} is corrupt ({type(e).__name__}: {e}); "
-                        f"re-run prepare_c4.py --out_dir {data_dir}") from None
+        raise DataError(f"{path} is corrupt ({type(e).__name__}: {e}); re-run {prepare_command(data_dir)}") from None
+    redo = f"re-run {prepare_command(data_dir, whole=False)}"
     if vocab <= max_id:
         raise DataError(f"{path}: vocab_size {vocab} is too small for the {split} shards' token id {max_id}; "
-                        f"set vocab_size back to {n_vocab} or re-run prepare_c4.py")
+                        f"set vocab_size back to {n_vocab} or {redo}")
     if vocab != n_vocab:
         raise DataError(f"{path}: vocab_size {vocab} is not the {meta.get('tokenizer')} tokenizer's {n_vocab}, so the "
-                        f"model would be a different size; set vocab_size back to {n_vocab} or re-run prepare_c4.py")
+                        f"model would be a different size; set vocab_size back to {n_vocab} or {redo}")
     if dtype != token_dtype(vocab):
-        raise DataError(f"{path}: vocab_size {vocab} needs {token_dtype(vocab)} tokens, not {dtype}; "
-                        "re-run prepare_c4.py")
+        raise DataError(f"{path}: vocab_size {vocab} needs {token_dtype(vocab)} tokens, not {dtype}; {redo}")
     return meta
 
 
@@ -169,9 +186,10 @@ class Windows:
 
     def __init__(self, data_dir, meta, split, seq_len):
         self.fds = collections.OrderedDict()  # shard index -> open file descriptor, least recently used first
+        self.redo = f"re-run {prepare_command(data_dir, whole=False)}"
         info = meta["splits"][split]
         if not info["shards"]:
-            raise DataError(f"{data_dir} has no {split} shards; re-run prepare_c4.py")
+            raise DataError(f"{data_dir} has no {split} shards; {self.redo}")
         self.paths = [os.path.join(data_dir, name) for name in info["shards"]]
         sizes = [read_header(path, meta["dtype"])[1] for path in self.paths]
         self.dtype, self.start = np.dtype(meta["dtype"]), [0]  # start[s]: stream position of shard s's first token
@@ -180,7 +198,7 @@ class Windows:
         self.n_tokens, self.seq_len = self.start[-1], seq_len
         if self.n_tokens != info["tokens"]:
             raise DataError(f"{split} shards in {data_dir} hold {self.n_tokens} tokens, meta.json says "
-                            f"{info['tokens']}; re-run prepare_c4.py")
+                            f"{info['tokens']}; {self.redo}")
         self.count = max(self.n_tokens - 1, 0) // seq_len
         if self.count == 0:
             raise DataError(f"the {split} split of {data_dir} has {self.n_tokens} tokens, fewer than one window of "
@@ -200,7 +218,7 @@ class Windows:
             try:
                 fd = os.open(self.paths[s], os.O_RDONLY)
             except OSError as e:
-                raise DataError(f"cannot read shard {self.paths[s]}: {e.strerror}; re-run prepare_c4.py") from None
+                raise DataError(f"cannot read shard {self.paths[s]}: {e.strerror}; {self.redo}") from None
         self.fds[s] = fd
         return fd
 
@@ -211,7 +229,7 @@ class Windows:
             n = min(len(out) - done, self.start[s + 1] - pos - done)  # tokens to take from shard s
             offset = HEADER_BYTES + (pos + done - self.start[s]) * self.dtype.itemsize
             if os.preadv(self.fd(s), [out[done:done + n]], offset) != n * self.dtype.itemsize:
-                raise DataError(f"shard {self.paths[s]} is shorter than its header says; re-run prepare_c4.py")
+                raise DataError(f"shard {self.paths[s]} is shorter than its header says; {self.redo}")
             s, done = s + 1, done + n
 
     def batch(self, indices):

@@ -34,7 +34,7 @@ from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 import numpy as np
 import tiktoken
 
-from data import DataError, token_dtype, write_meta, write_shard
+from data import BUNDLED, DataError, bundled_source, token_dtype, write_meta, write_shard  # noqa: F401 (train.py's)
 
 C4_FILES = {"train": "en/c4-train.{:05d}-of-01024.json.gz", "val": "en/c4-validation.{:05d}-of-00008.json.gz"}
 SHARD = r"(train|val)_\d{6}\.bin(\.new(\.tmp)?)?"  # a shard, staged (.new) or being written (.new.tmp)
@@ -330,17 +330,7 @@ def install(out_dir, meta):
 
 
 # -----------------------------------------------------------------------------
-# first use: a data dir named after a bundled sample is prepared from it when train.py first reads it
-
-BUNDLED = {"kjv_byte": "assets/kjv"}  # data dir name: the sample in this repository (assets/kjv/SOURCE.md)
-
-
-def bundled_source(data_dir):
-    """The bundled sample (an absolute path) that a data dir of this name is prepared from, or None: data_dir
-    is e.g. data/kjv_byte, which configs/tiny.py reads."""
-    name = BUNDLED.get(os.path.basename(os.path.normpath(data_dir)))
-    return name and os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-
+# first use: a data dir named after a bundled sample (data.BUNDLED) is prepared from it when train.py first reads it
 
 def prepare_once(out_dir, source):
     """Prepare the json files at source (a C4 clone, dir or glob, read as --data_dir reads them) into out_dir

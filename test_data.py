@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import resource
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -496,6 +497,35 @@ def test_meta_errors(byte_data, tmp_path):
     data.write_meta(str(tmp_path), meta)
     with pytest.raises(DataError, match=r"meta.json is corrupt \(KeyError: 'val'\)"):
         data.load_meta(str(tmp_path))
+
+
+def test_advice_to_prepare_is_a_command_that_works(byte_data, tmp_path):
+    """For the bundled sample's dir (eval.py on data/kjv_byte before any train.py run), the whole command: C4 with
+    GPT-2's tokenizer is not what it holds. With a dataset there, it needs --overwrite."""
+    d = tmp_path / "kjv_byte"
+    command = f"prepare_c4.py --out_dir {d} --data_dir assets/kjv --tokenizer byte"
+    for damage, message in [
+        (lambda: None, f"data dir {d} does not exist; run {command} first"),
+        (lambda: open(d / "train_000000.bin", "r+b").truncate(1000),
+         f"shard {d}/train_000000.bin is truncated or corrupt: 1000 bytes, header says 7903810; re-run {command} "
+         "--overwrite"),
+        (lambda: (d / "meta.json").write_text("{"), f"{d}/meta.json is corrupt (JSONDecodeError: Expecting property "
+                                                    f"name enclosed in double quotes: line 1 column 2 (char 1)); "
+                                                    f"re-run {command} --overwrite"),
+    ]:
+        damage()
+        with pytest.raises(DataError) as e:
+            TrainBatches(str(d), 64, 2, 2)
+        assert str(e.value) == message
+        advice = message.split("run ")[-1].removesuffix(" first")
+        subprocess.run([sys.executable, *shlex.split(advice)], check=True, capture_output=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert TrainBatches(str(d), 64, 2, 2).meta["splits"]["train"]["tokens"] == 3951889
+    other = tmp_path / "mine"  # not a bundled sample: the user's command, with --overwrite once it made meta.json
+    shutil.copytree(byte_data, other)
+    (other / "meta.json").write_text("{")
+    with pytest.raises(DataError, match=rf"\(char 1\)\); re-run prepare_c4.py --out_dir {other} --overwrite$"):
+        data.load_meta(other)
 
 
 def test_vocab_mismatch_between_meta_and_shards(byte_data, tmp_path):
