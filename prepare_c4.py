@@ -39,6 +39,7 @@ from data import BUNDLED, DataError, bundled_source, token_dtype, write_meta, wr
 C4_FILES = {"train": "en/c4-train.{:05d}-of-01024.json.gz", "val": "en/c4-validation.{:05d}-of-00008.json.gz"}
 SHARD = r"(train|val)_\d{6}\.bin(\.new(\.tmp)?)?"  # a shard, staged (.new) or being written (.new.tmp)
 OURS = re.compile(rf"meta\.json(\.tmp)?|{SHARD}")  # every name prepare_c4.py writes in --out_dir
+VAL_WORDS = {"val", "valid", "validation"}  # a source file with one of these words in its name is validation data
 CHUNK_DOCS = 512  # documents per work item; fixed, so the output does not depend on --workers
 PROGRESS_S = 10  # seconds between progress lines when stderr is not a terminal (a log file)
 JSON = json.JSONDecoder(strict=False)  # allows raw control characters (a tab, a NUL) in strings, as scraped text has
@@ -66,9 +67,9 @@ def c4_files(train_shards, val_shards):
 
 
 def find_sources(data_dir, train_shards, val_shards):
-    """-> {split: [json(.gz) file paths]}. In a plain directory or glob, files named *val* are the val
-    split and the rest train; if none (or all) do, the last file (sorted by name) is val."""
-    if os.path.isdir(os.path.join(data_dir, "en")):  # local clone of allenai/c4
+    """-> {split: [json(.gz) file paths]}. In a plain directory or glob, the files with a VAL_WORDS word in their
+    path (below the dir all share) are val, the rest train; if none (or all) are, the last file by name is val."""
+    if glob.glob(os.path.join(glob.escape(data_dir), "en", "c4-*.json.gz")):  # a local clone of allenai/c4
         files = {s: [os.path.join(data_dir, f) for f in fs] for s, fs in c4_files(train_shards, val_shards).items()}
         missing = [f for fs in files.values() for f in fs if not os.path.isfile(f)]
         if missing:
@@ -80,39 +81,37 @@ def find_sources(data_dir, train_shards, val_shards):
     paths = sorted(p for p in paths if p.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")))
     if len(paths) < 2:
         raise DataError(f"{data_dir} has {len(paths)} .json/.jsonl(.gz) files; need at least 2 (train and val)")
-    val = [p for p in paths if "val" in os.path.basename(p)]
+    root = os.path.commonpath(paths)
+    val = [p for p in paths if VAL_WORDS & set(re.split(r"[\W_]+", os.path.relpath(p, root).lower()))]
     val = val if 0 < len(val) < len(paths) else paths[-1:]
     train = [p for p in paths if p not in val]
     return {"train": train[:train_shards], "val": val[:val_shards]}
 
 
 def read_chunks(path):
-    """Yield (path, first line number, raw lines) work items of one json-lines file."""
-    lines, first = [], 1
+    """Yield (path, [(line number, line)]) work items of one json-lines file's non-blank lines."""
+    chunk = None
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    lines.append(line)
-                if len(lines) == CHUNK_DOCS:
-                    yield path, first, lines
-                    lines, first = [], lineno + 1
+            lines = ((n, line) for n, line in enumerate(f, 1) if line.strip())
+            for chunk in iter(lambda: list(itertools.islice(lines, CHUNK_DOCS)), []):
+                yield path, chunk
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read {path} ({e}); re-download it") from None
-    if first == 1 and not lines:
+    if chunk is None:
         raise DataError(f"{path} is empty; remove it or re-download it")
-    yield path, first, lines
 
 
-def hub_chunks(split, files):
+def hub_chunks(files):
     import datasets  # only needed without --data_dir
-    try:
-        ds = datasets.load_dataset("allenai/c4", data_files=files, split="train")
-    except Exception as e:
-        raise DataError(f"could not load {files} of allenai/c4 from the hub ({type(e).__name__}); "
-                        "check the network or pass --data_dir with a local copy") from None
-    for i in range(0, len(ds), CHUNK_DOCS):
-        yield f"allenai/c4 {split}", i + 1, ds[i:i + CHUNK_DOCS]["text"]
+    for name in files:  # one at a time, so that a line number is one of that file
+        try:
+            ds = datasets.load_dataset("allenai/c4", data_files=name, split="train")
+        except Exception as e:
+            raise DataError(f"could not load {name} of allenai/c4 from the hub ({type(e).__name__}); "
+                            "check the network or pass --data_dir with a local copy") from None
+        for i in range(0, len(ds), CHUNK_DOCS):
+            yield f"allenai/c4 {name}", list(enumerate(ds[i:i + CHUNK_DOCS]["text"], i + 1))
 
 
 def parse_line(line):
@@ -135,16 +134,15 @@ def encode(enc, text):
 
 
 def tokenize(tokenizer, chunk):
-    """One work item -> (number of docs, number of them repaired, tokens as np array). Raw json lines are parsed
-    here; a document is repaired if its line had invalid UTF-8 or its text lone surrogates (see encode)."""
-    enc, (where, first, items) = get_encoding(tokenizer), chunk
+    """One work item -> (number of docs, number of them repaired, tokens as np array)."""
+    enc, (where, items) = get_encoding(tokenizer), chunk
     eot, parts, repaired = np.array([enc.eot_token], dtype=np.uint32), [np.empty(0, dtype=np.uint32)], 0
-    for k, item in enumerate(items):
+    for line_number, item in items:
         try:
-            text, bad_bytes = (item, False) if isinstance(item, str) else parse_line(item)
+            text, bad_bytes = parse_line(item) if isinstance(item, bytes) else (item, False)
             tokens, bad_text = encode(enc, text)
         except (ValueError, KeyError, TypeError, RecursionError):
-            raise DataError(f"{where} line {first + k}: not a JSON object with a 'text' string; "
+            raise DataError(f"{where} line {line_number}: not a JSON object with a 'text' string; "
                             "fix or remove that file") from None
         parts += [eot, tokens]
         repaired += bad_bytes or bad_text
@@ -278,7 +276,7 @@ def main(argv=None):
         chunks = {s: (c for f in fs for c in read_chunks(f)) for s, fs in files.items()}
     else:
         source = {"hub": "allenai/c4", "files": c4_files(args.train_shards, args.val_shards)}
-        chunks = {s: hub_chunks(s, fs) for s, fs in source["files"].items()}
+        chunks = {s: hub_chunks(fs) for s, fs in source["files"].items()}
     os.makedirs(args.out_dir, exist_ok=True)
     meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "tokenizer_vocab_size": enc.n_vocab,
             "eot_id": enc.eot_token, "source": source, "dtype": token_dtype(enc.n_vocab).name,

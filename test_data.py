@@ -292,6 +292,57 @@ def test_plain_directory_and_glob(tmp_path):
     assert split_tokens(tmp_path / "o2", "train").tolist()[-9:] == [256, *b"held out"]
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_line_number_is_the_files_across_blank_lines_and_work_items(tmp_path, monkeypatch, workers):
+    """As an editor or sed -n 'Np' shows it: blank lines count, and a work item may start anywhere in the file."""
+    monkeypatch.setattr(prepare_c4, "CHUNK_DOCS", 3)
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "train.jsonl").write_text('{"text": "a"}\n\n' * 7 + "not json\n" + '{"text": "a"}\n')
+    (d / "val.jsonl").write_text('{"text": "v"}\n')
+    with pytest.raises(DataError) as e:
+        prepare(tmp_path / "out", d, "--workers", workers)
+    assert str(e.value) == f"{d / 'train.jsonl'} line 15: not a JSON object with a 'text' string; fix or remove that " \
+                           "file"
+
+
+def test_a_line_number_from_the_hub_is_one_of_the_file_named(tmp_path, monkeypatch):
+    import datasets
+    texts = {"en/c4-train.00000-of-01024.json.gz": ["a", "b"], "en/c4-validation.00000-of-00008.json.gz": ["v"],
+             "en/c4-train.00001-of-01024.json.gz": ["c", "d", None]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, data_files, split:
+                        datasets.Dataset.from_dict({"text": texts[data_files]}))
+    args = ["--out_dir", str(tmp_path), "--tokenizer", "byte", "--train_shards", "2", "--workers", "1"]
+    with pytest.raises(DataError) as e:
+        prepare_c4.main(args)
+    assert str(e.value) == ("allenai/c4 en/c4-train.00001-of-01024.json.gz line 3: not a JSON object with a 'text' "
+                            "string; fix or remove that file")
+    texts["en/c4-train.00001-of-01024.json.gz"][2] = "e"
+    prepare_c4.main(args)
+    assert split_tokens(tmp_path, "train").tolist() == [256, *b"a", 256, *b"b", 256, *b"c", 256, *b"d", 256, *b"e"]
+
+
+@pytest.mark.parametrize("names, source, val", [
+    (["interval.jsonl", "train.jsonl", "z.jsonl"], "", ["z.jsonl"]),  # interval is no validation file
+    (["interval.jsonl", "train.jsonl", "val.jsonl"], "", ["val.jsonl"]),
+    (["c4-train.00000-of-01024.json.gz", "c4-train.00001-of-01024.json.gz", "c4-validation.00000-of-00008.json.gz"],
+     "", ["c4-validation.00000-of-00008.json.gz"]),
+    (["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl", "valid-00000-of-00001.jsonl"], "",
+     ["valid-00000-of-00001.jsonl"]),
+    (["a_val.jsonl", "b.json", "evaluate.json"], "", ["a_val.jsonl"]),
+    (["train/0.jsonl", "train/1.jsonl", "validation/0.jsonl"], "*/*.jsonl", ["validation/0.jsonl"]),
+    (["val/train.jsonl", "val/val.jsonl"], "val", ["val/val.jsonl"]),  # the name of the dir given says nothing
+])
+def test_which_source_file_is_validation(tmp_path, names, source, val):
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    (tmp_path / "en").mkdir(exist_ok=True)  # an en/ without C4's files: not a clone of C4
+    files = prepare_c4.find_sources(str(tmp_path / source), None, None)
+    assert files == {"train": [str(tmp_path / n) for n in names if n not in val],
+                     "val": [str(tmp_path / n) for n in val]}
+
+
 @pytest.mark.parametrize("enc", [prepare_c4.get_encoding("byte"), small_bpe()], ids=["byte", "small_bpe"])
 def test_encode_is_encode_ordinary_for_any_text(enc):
     texts = ["half an emoji: \ud83d, then more", "\ude00 a low one first", "reversed \ude00\ud83d", "the thing",
@@ -372,6 +423,8 @@ def test_bad_source_dir(tmp_path, setup, message):
     (b"", "{f} is empty; remove it or re-download it"),
     (b'{"text": "ok"}\nnot json\n', "{f} line 2: not a JSON object with a 'text' string; fix or remove that file"),
     (b'{"text": "ok"}\n{"url": "x"}\n', "{f} line 2: not a JSON object with a 'text' string; fix or remove that file"),
+    (b'\n{"text": "ok"}\n\n \r\n{"url": "x"}\n',
+     "{f} line 5: not a JSON object with a 'text' string; fix or remove that file"),  # blank lines count
     (b'{"text": 3}\n', "{f} line 1: not a JSON object with a 'text' string; fix or remove that file"),
     (b'{"text": null}\n', "{f} line 1: not a JSON object with a 'text' string; fix or remove that file"),
     (b'{"text": "ok"}\n{"text": ' + b"[" * 100_000 + b"\n",
@@ -439,8 +492,8 @@ def test_every_error_exits_1_in_one_line_usage_errors_too(c4_source, byte_data, 
                                         "it (runs trained on it then refuse to resume on it), or another --out_dir"),
         (["--out_dir", str(tmp_path / "file" / "o")], f"[Errno 20] Not a directory: '{tmp_path / 'file' / 'o'}'"),
     ]:
-        r = subprocess.run([sys.executable, "prepare_c4.py", "--data_dir", str(c4_source), "--tokenizer", "byte", *args],
-                           capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        r = subprocess.run([sys.executable, "prepare_c4.py", "--data_dir", str(c4_source), "--tokenizer", "byte",
+                            *args], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
         assert (r.returncode, r.stdout, r.stderr) == (1, "", f"error: {message}\n")
 
 
