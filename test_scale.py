@@ -4,14 +4,17 @@ import gc
 import io
 import math
 import warnings
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
-from model import LLaMA, LLaMAConfig
 import scale
+import train
+from model import LLaMA, LLaMAConfig
 from scale import SCALE, scale_param_groups
 
 
@@ -68,14 +71,13 @@ def random_grads(model, seed, dtype=None):
 
 
 SCHEDULE = [(1e-2, 0.0), (3e-3, 0.1), (5e-4, 0.05), (2e-2, 0.0)]  # (lr, weight decay) per step
+ROLE_MESSAGE = (r"^a group needs a role \(matrix/embedding/output/vector; 1-D: 'vector'\): "
+                r"use scale_param_groups\(model\)$")
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.0), dict(momentum=0.8, adam_lr=0.02),
                                     dict(momentum_roles=("matrix", "embedding", "output"))])
-@pytest.mark.parametrize("block_bytes", [scale.BLOCK_BYTES, 384])
-def test_matches_reference_fp32(kwargs, block_bytes, monkeypatch):
-    # 384-byte blocks: lm_head (50, 16) is updated in 8 blocks of rows (7 of 7 rows, 1 of 1), the conv weight in 3
-    monkeypatch.setattr(scale, "BLOCK_BYTES", block_bytes)
+def test_matches_reference_fp32(kwargs):
     torch.manual_seed(0)
     model = Toy()
     groups = scale_param_groups(model)
@@ -137,13 +139,20 @@ def test_bf16_state_is_updated_in_fp32():
 # -----------------------------------------------------------------------------
 # stochastic rounding of bf16 writes (bf16_rounding="stochastic")
 
+def round_stochastic(x, compile):
+    """scale.round_stochastic, eager or compiled (inductor draws its random bits its own way)."""
+    torch.manual_seed(12345)
+    return (torch.compile(scale.round_stochastic, dynamic=False) if compile else scale.round_stochastic)(x)
+
+
+@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("value", [1 + 2 ** -10, -(1 + 2 ** -10), 0.02 + 3e-6, -3.3e-3, 1e-39])  # 1e-39: subnormal
-def test_stochastic_rounding_is_unbiased(value):
+def test_stochastic_rounding_is_unbiased(value, compile):
     # many rounded writes of one value (each element its own bits): their mean is the value, within 4 standard
     # errors; each write is one of the two bf16 neighbours
     n = 200_000
     x = torch.full((n,), value)
-    rounded = scale.round_stochastic(x, torch.tensor(12345, dtype=torch.int32)).double()
+    rounded = round_stochastic(x, compile).double()
     neighbours = rounded.unique()
     assert len(neighbours) == 2 and neighbours[0] < value < neighbours[1]
     assert torch.equal(neighbours.float().bfloat16().double(), neighbours)
@@ -152,21 +161,26 @@ def test_stochastic_rounding_is_unbiased(value):
     assert abs(rounded.mean() - value) < 4 * standard_error
 
 
-def test_stochastic_rounding_leaves_bf16_values_unchanged():
+@pytest.mark.parametrize("compile", [False, True])
+def test_stochastic_rounding_leaves_bf16_values_unchanged(compile):
     gen = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(10_000, generator=gen) * 10.0 ** torch.randint(-40, 30, (10_000,), generator=gen),
                    torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 2 ** -133])]).bfloat16()
-    rounded = scale.round_stochastic(x.float(), torch.tensor(7, dtype=torch.int32))
+    rounded = round_stochastic(x.float(), compile)
     assert rounded.dtype == torch.bfloat16 and torch.equal(rounded.view(torch.int16), x.view(torch.int16))
 
 
-def test_hashes_stay_in_range_and_spread_evenly():
-    assert scale.hash32(2 ** 32 + 5) == scale.hash32(5) and scale.hash32(-1) == scale.hash32(2 ** 32 - 1)
-    assert len({scale.hash32(x) for x in range(2 ** 16)}) == 2 ** 16  # a bijection: no collisions
-    xs = torch.arange(2 ** 20, dtype=torch.int32) + (2 ** 31 - 2 ** 20)  # up to int32's largest
-    bits = scale.hash16(xs)
-    assert bits.dtype == torch.int32 and bits.tolist()[:50] == [scale.hash16(x) for x in xs.tolist()[:50]]
-    assert torch.equal(torch.bincount(bits, minlength=2 ** 16), torch.full((2 ** 16,), 16))  # each value 16 times
+@pytest.mark.parametrize("compile", [False, True])
+def test_stochastic_rounding_bits_spread_evenly(compile):
+    # 1 + j * 2^-23 for every j in [0, 2^16), 64 times: x's low 16 bits are j, so it rounds up to 1 + 2^-7 with
+    # probability j / 2^16, for every j (the random bits uniform over [0, 2^16)); checked in 64 bands of j, each
+    # within 5 standard errors, and never up for j = 0 (a bf16 value)
+    j = torch.arange(2 ** 16).repeat(64)
+    up = (round_stochastic(1 + j.float() * 2 ** -23, compile).float() > 1).double().view(64, 64, 1024)
+    p = (torch.arange(2 ** 16).double() / 2 ** 16).view(64, 1024)
+    expected, sd = 64 * p.sum(1), (64 * (p * (1 - p)).sum(1)).sqrt()
+    assert ((up.sum((0, 2)) - expected).abs() <= 5 * sd.clamp_min(1)).all()
+    assert up[:, 0, 0].sum() == 0
 
 
 def test_stochastic_steps_below_bf16_spacing_move_weights_in_expectation():
@@ -184,29 +198,33 @@ def test_stochastic_steps_below_bf16_spacing_move_weights_in_expectation():
     assert moved["stochastic"] == pytest.approx(-64 * 2 ** -12, rel=0.02)
 
 
-def sr_run(seed=0, block_bytes=scale.BLOCK_BYTES, steps=3, monkeypatch=None):
-    """A bf16 Toy after `steps` SCALE steps with stochastic rounding -> (model, opt)."""
-    if monkeypatch:
-        monkeypatch.setattr(scale, "BLOCK_BYTES", block_bytes)
+def sr_run(seed=0, steps=3, draw=False):
+    """A bf16 Toy after `steps` SCALE steps with stochastic rounding -> (model, opt). draw: between steps, draw from
+    torch's global generator, as the rest of a training step may."""
     torch.manual_seed(0)
     model = Toy().to(torch.bfloat16)
     opt = SCALE(scale_param_groups(model), lr=1e-3, bf16_rounding="stochastic", seed=seed)
     for step in range(steps):
         random_grads(model, step)
+        if draw:
+            torch.rand(step + 1)
         opt.step()
     return model, opt
 
 
-def test_stochastic_rounding_depends_on_seed_not_on_blocks(monkeypatch):
+def test_stochastic_rounding_depends_on_seed_and_steps_alone():
     base, opt = sr_run()
     # every bf16 param of the normalized roles counts its steps; the vector role keeps AdamW's state only
     assert all(opt.state[p]["step"] == 3 for g in opt.param_groups if g["role"] != "vector" for p in g["params"])
     assert [set(opt.state[p]) for p in base.parameters()] == [
         {"step"}, {"step"}, {"exp_avg", "exp_avg_sq", "step"}, {"step"}, {"exp_avg", "exp_avg_sq", "step"},
         {"exp_avg", "exp_avg_sq", "step"}, {"exp_avg", "exp_avg_sq", "step"}, {"momentum_buffer", "step"}]
-    blocked, _ = sr_run(block_bytes=128, monkeypatch=monkeypatch)  # lm_head and conv in blocks of rows
-    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), blocked.parameters()))
-    again, _ = sr_run()  # what DDP's ranks do: the same values and steps round alike, with no RNG state
+    drawn, drawn_opt = sr_run(draw=True)  # the bits are (seed, step)'s, not the global generator's
+    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), drawn.parameters()))
+    rng = torch.get_rng_state()
+    drawn_opt.step()  # and a step leaves the global generator as it was
+    assert torch.equal(torch.get_rng_state(), rng)
+    again, _ = sr_run()  # what DDP's ranks do: the same values and steps round alike
     assert all(torch.equal(a, b) for a, b in zip(base.parameters(), again.parameters()))
     other, _ = sr_run(seed=1)
     assert not torch.equal(base.lm_head.weight, other.lm_head.weight)
@@ -224,17 +242,16 @@ def test_a_group_added_after_construction_steps_as_one_given_at_construction():
     groups = scale_param_groups(model)
     opt = SCALE(groups[:1], lr=1e-3, bf16_rounding="stochastic")
     for group in groups[1:]:
-        opt.add_param_group(group)  # the defaults fill the rest, and each param gets the next index, as in __init__
+        opt.add_param_group(group)  # the defaults fill the rest, as in __init__
     for step in range(3):
         random_grads(model, step)
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(base.parameters(), model.parameters()))
-    with pytest.raises(ValueError, match=r"^a param group needs a 'role', one of matrix, embedding, output, vector, as "
-                                         r"scale_param_groups gives$"):
+    with pytest.raises(ValueError, match=ROLE_MESSAGE):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(4, 4))]})
-    with pytest.raises(ValueError, match=r"^role 'output' needs tensors of 2\+ dims; give 1-D params role 'vector'$"):
+    with pytest.raises(ValueError, match=ROLE_MESSAGE):
         opt.add_param_group({"params": nn.Parameter(torch.randn(4)), "role": "output"})
-    assert len(opt.param_groups) == len(groups) and len(opt._index) == len(list(model.parameters()))  # none added
+    assert len(opt.param_groups) == len(groups)  # none added
 
 
 def test_stochastic_rounding_has_no_effect_on_fp32_params():
@@ -257,8 +274,7 @@ def test_rms_is_clamped_at_1e_minus_8():
 
 
 @pytest.mark.slow
-def test_compiled_equals_eager_and_does_not_recompile_on_lr_change(monkeypatch):
-    monkeypatch.setattr(scale, "BLOCK_BYTES", 4096)  # lm_head (100, 32) and its momentum in 3 blocks of rows
+def test_compiled_equals_eager_and_does_not_recompile_on_lr_change():
     torch._dynamo.reset()
     cfg = LLaMAConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=64, vocab_size=100)
     models = [LLaMA(cfg) for _ in range(2)]
@@ -352,14 +368,16 @@ def test_state_holds_exactly_output_momentum_and_vector_moments():
     opt.step()
     for name, p in model.named_parameters():
         keys = set(opt.state[p]) if p in opt.state else set()
-        expected = {"lm_head.weight": {"momentum_buffer"}}.get(name, {"step", "exp_avg", "exp_avg_sq"} if p.ndim == 1 else set())
+        vector = {"step", "exp_avg", "exp_avg_sq"} if p.ndim == 1 else set()
+        expected = {"lm_head.weight": {"momentum_buffer"}}.get(name, vector)
         assert keys == expected, name
-    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                      if torch.is_tensor(t))
     n_vector = sum(p.numel() for p in model.parameters() if p.ndim == 1)
-    assert state_bytes == 4 * (100 * 32 + 2 * n_vector) == scale.state_bytes([opt])
+    assert state_bytes == 4 * (100 * 32 + 2 * n_vector) == train.state_bytes([opt])
     adamw = torch.optim.AdamW(model.parameters(), fused=True)
     adamw.step()  # its 0-d step tensors are counters, not state memory
-    assert scale.state_bytes([opt, adamw]) == state_bytes + 8 * sum(p.numel() for p in model.parameters())
+    assert train.state_bytes([opt, adamw]) == state_bytes + 8 * sum(p.numel() for p in model.parameters())
     assert not SCALE(scale_param_groups(model), lr=1e-3, momentum=0.0).state  # momentum=0: nothing before a step
 
 
@@ -369,7 +387,8 @@ def test_momentum_zero_is_column_normalized_sgd_with_no_matrix_state():
     random_grads(model, 0)
     before, g = model.lm_head.weight.detach().clone(), model.lm_head.weight.grad.clone()
     opt.step()
-    torch.testing.assert_close(model.lm_head.weight.detach(), before - 0.1 * g / g.square().mean(1, keepdim=True).sqrt())
+    expected = before - 0.1 * g / g.square().mean(1, keepdim=True).sqrt()
+    torch.testing.assert_close(model.lm_head.weight.detach(), expected)
     assert all(p.ndim == 1 for p in opt.state)
 
 
@@ -418,28 +437,17 @@ def test_roles_of_tied_toy_and_explicit_output():
     assert [roles[id(p)] for p in seq.parameters()] == ["embedding", "output", "vector"]
 
 
-def test_groups_without_role_split_by_ndim():
+def test_params_without_roles_raise_naming_scale_param_groups():
+    # an embedding or output layer guessed as 'matrix' would be row-normalized with no momentum: not SCALE
     model = Toy()
-    with pytest.warns(UserWarning):
-        opt = SCALE(model.parameters(), lr=1e-3)
-    assert [(g["role"], len(g["params"])) for g in opt.param_groups] == [("vector", 4), ("matrix", 4)]
-
-
-def test_params_without_roles_warn_naming_scale_param_groups():
-    model = Toy()
-    with pytest.warns(UserWarning) as record:
-        SCALE(model.parameters())
-    assert len(record) == 1 and record[0].filename == __file__  # points at the caller's line
-    assert str(record[0].message) == (
-        "SCALE: params without a role get role 'matrix' (2+ dims) or 'vector' (1-D), so an embedding or output layer "
-        "among them is row-normalized with no momentum, which is not SCALE; pass scale_param_groups(model)")
-    with pytest.warns(UserWarning, match=r"pass scale_param_groups\(model\)$"):
-        SCALE([{"params": [model.lm_head.weight], "role": "output"}, {"params": [model.fc.weight]}])
+    for params in (model.parameters(), [model.norm.weight, model.fc.bias],
+                   [{"params": [model.lm_head.weight], "role": "output"}, {"params": [model.fc.weight]}]):
+        with pytest.raises(ValueError, match=ROLE_MESSAGE):
+            SCALE(params)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # roles given, or only 1-D params (AdamW either way): no warning
+        warnings.simplefilter("error")  # roles given: no warning
         SCALE(scale_param_groups(model))
         SCALE([{"params": [model.lm_head.weight], "role": "matrix"}])
-        SCALE([model.norm.weight, model.fc.bias])
 
 
 def test_closure_none_grads_zero_grad_and_lr_scheduler():
@@ -469,12 +477,11 @@ def test_closure_none_grads_zero_grad_and_lr_scheduler():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(lr=-1.0), "lr (-1.0) and weight_decay (0.0) must be >= 0"),
-    (dict(weight_decay=-0.1), "lr (0.001) and weight_decay (-0.1) must be >= 0"),
-    (dict(momentum=1.0), "momentum must be in [0, 1), got 1.0"),
-    (dict(momentum=-0.5), "momentum must be in [0, 1), got -0.5"),
-    (dict(momentum_roles=("vector",)),
-     "momentum_roles ('vector',) must be among ('matrix', 'embedding', 'output') (vector params always use AdamW)"),
+    (dict(lr=-1.0), "lr (-1.0), weight_decay (0.0) must be >= 0, momentum (0.9) in [0, 1)"),
+    (dict(weight_decay=-0.1), "lr (0.001), weight_decay (-0.1) must be >= 0, momentum (0.9) in [0, 1)"),
+    (dict(momentum=1.0), "lr (0.001), weight_decay (0.0) must be >= 0, momentum (1.0) in [0, 1)"),
+    (dict(momentum=-0.5), "lr (0.001), weight_decay (0.0) must be >= 0, momentum (-0.5) in [0, 1)"),
+    (dict(momentum_roles=("vector",)), "momentum_roles must be among matrix, embedding, output; got ('vector',)"),
     (dict(bf16_rounding="up"), "bf16_rounding must be 'nearest' or 'stochastic', got 'up'"),
 ])
 def test_bad_hyperparameters(kwargs, message):
@@ -485,9 +492,9 @@ def test_bad_hyperparameters(kwargs, message):
 
 def test_bad_roles_and_gradients():
     p = nn.Parameter(torch.randn(4, 4))
-    with pytest.raises(ValueError, match=r"^unknown role 'hidden': use one of matrix, embedding, output, vector$"):
+    with pytest.raises(ValueError, match=ROLE_MESSAGE):
         SCALE([{"params": [p], "role": "hidden"}])
-    with pytest.raises(ValueError, match=r"^role 'matrix' needs tensors of 2\+ dims; give 1-D params role 'vector'$"):
+    with pytest.raises(ValueError, match=ROLE_MESSAGE):
         SCALE([{"params": [nn.Parameter(torch.randn(4))], "role": "matrix"}])
     emb = nn.Embedding(10, 4, sparse=True)
     emb(torch.tensor([1, 2])).sum().backward()
@@ -502,7 +509,8 @@ def test_bad_roles_and_gradients():
 # -----------------------------------------------------------------------------
 # compiled against eager, and on a GPU (skipped without CUDA)
 
-CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]  # gpu_check.py runs these
+# gpu_check.py runs these
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def cuda(test):
@@ -514,13 +522,12 @@ def cuda(test):
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("dtype,rounding", [(torch.float32, "nearest"), (torch.bfloat16, "nearest"),
                                             (torch.bfloat16, "stochastic")])
-def test_compiled_equals_eager_at_each_step(device, dtype, rounding, monkeypatch):
-    monkeypatch.setattr(scale, "BLOCK_BYTES", 384)  # on CPU, lm_head and its momentum in blocks of rows
+def test_compiled_equals_eager_at_each_step(device, dtype, rounding):
     torch._dynamo.reset()
     torch.manual_seed(0)
     models = [Toy().to(device, dtype) for _ in range(2)]  # all four roles
     models[1].load_state_dict(models[0].state_dict())
-    # stochastic: the same random bits, so eager and compiled round alike but where their fp32 values differ
+    # stochastic: eager and compiled draw different random bits, so their bf16 writes may differ by a bf16 spacing
     opts = [SCALE(scale_param_groups(m), lr=1e-2, compile=c, bf16_rounding=rounding)
             for m, c in zip(models, (False, True))]
     for step, (lr, wd) in enumerate(SCHEDULE):
@@ -557,10 +564,12 @@ def host_to_device_copies(fn):
 
 @cuda
 @pytest.mark.parametrize("compile", [False, True])
-def test_cuda_step_makes_no_sync_and_no_host_to_device_copy(compile):
+@pytest.mark.parametrize("dtype,rounding", [(torch.float32, "nearest"), (torch.bfloat16, "stochastic")])
+def test_cuda_step_makes_no_sync_and_no_host_to_device_copy(compile, dtype, rounding):
+    # stochastic: seeding the GPU's generator and drawing its bits queue work too
     torch._dynamo.reset()
-    model = Toy().cuda()
-    opt = SCALE(scale_param_groups(model), lr=1e-2, weight_decay=0.1, compile=compile)
+    model = Toy().to("cuda", dtype)
+    opt = SCALE(scale_param_groups(model), lr=1e-2, weight_decay=0.1, compile=compile, bf16_rounding=rounding)
 
     def step_raising_on_sync():
         torch.cuda.set_sync_debug_mode("error")
@@ -585,8 +594,8 @@ def test_cuda_step_makes_no_sync_and_no_host_to_device_copy(compile):
 # sharded params (FSDP2's fully_shard): 2 gloo processes on CPU
 
 class UnevenToy(nn.Module):
-    """Every role, with shards uneven over 2 ranks (7 rows: 4 + 3; 3: 2 + 1; 5: 3 + 2) and empty on rank 1 for the
-    tensors of 1 row (an embedding of one entry, a 1-row Linear and its 1-element bias)."""
+    """Every role. Sharded over 2 ranks as SCALE needs (rows; the embeddings' columns, 12: 6 + 6 and 4: 2 + 2), the row
+    shards are uneven (7 rows: 4 + 3; 3: 2 + 1; 5: 3 + 2) and empty on rank 1 for a 1-row Linear and its bias."""
 
     def __init__(self):
         super().__init__()
@@ -603,10 +612,11 @@ SHARDED_CASES = [dict(), dict(momentum=0.0), dict(momentum_roles=("matrix", "emb
 
 
 def sharded_step_worker(rank, init_file, cases, compile):
-    """On each of 2 ranks: SCALE on a fully_shard'ed UnevenToy against SCALE on a plain copy, for each case (SCALE's
-    kwargs, and dtype), over SCHEDULE; asserts the gathered params and state match the plain ones at each step."""
+    """On each of 2 ranks: SCALE on two fully_shard'ed UnevenToys against SCALE on a plain copy, for each case (SCALE's
+    kwargs, and dtype), over SCHEDULE; asserts at each step that the gathered params and state match the plain ones
+    and that the two sharded runs are bit for bit the same; then that a norm split over ranks is refused."""
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         for case in cases:
@@ -614,41 +624,50 @@ def sharded_step_worker(rank, init_file, cases, compile):
             dtype = kwargs.pop("dtype", torch.float32)
             torch.manual_seed(0)
             plain = UnevenToy().to(dtype)
-            sharded = UnevenToy().to(dtype)
-            sharded.load_state_dict(plain.state_dict())
-            fully_shard(sharded)
-            rows = tuple(p.to_local().shape[0] for p in (sharded.emb.weight, sharded.small_emb.weight))
-            assert rows == [(4, 1), (3, 0)][rank]
-            opts = [SCALE(scale_param_groups(m), lr=1e-2, compile=compile, **kwargs) for m in (plain, sharded)]
+            shardeds = [UnevenToy().to(dtype) for _ in range(2)]
+            for sharded in shardeds:
+                sharded.load_state_dict(plain.state_dict())
+                embeddings = (sharded.emb.weight, sharded.small_emb.weight)
+                fully_shard(sharded, shard_placement_fn=lambda p: Shard(1) if any(p is e for e in embeddings) else None)
+            local = [sharded.emb.weight, sharded.small_emb.weight, sharded.conv.weight, sharded.one_row.weight]
+            shapes = [tuple(p.to_local().shape) for p in local]
+            assert shapes == [(7, 6), (1, 2), [(2, 12, 3), (1, 12, 3)][rank], [(1, 12), (0, 12)][rank]]
+            models = [plain, *shardeds]
+            opts = [SCALE(scale_param_groups(m), lr=1e-2, compile=compile, **kwargs) for m in models]
             for step, (lr, wd) in enumerate(SCHEDULE):
-                random_grads(plain, step)  # the same on both ranks; each rank's sharded grad is its rows of it
-                for p, q in zip(plain.parameters(), sharded.parameters()):
-                    q.grad = distribute_tensor(p.grad, q.device_mesh, q.placements)
+                random_grads(plain, step)  # the same on both ranks; each rank's sharded grad is its shard of it
+                for p, *qs in zip(*(m.parameters() for m in models)):
+                    for q in qs:
+                        q.grad = distribute_tensor(p.grad, q.device_mesh, q.placements)
                 for opt in opts:
                     for group in opt.param_groups:
                         group["lr"], group["weight_decay"] = lr, wd
                     opt.step()
-                for (name, p), q in zip(plain.named_parameters(), sharded.parameters()):
-                    # rows are updated alone, as unsharded: the same numbers, but for the embedding's column sums
-                    # (a sum of two ranks' sums) and compiled code's vectorization, a few fp32 ulps apart
+                for (name, p), q, again in zip(plain.named_parameters(), *(m.parameters() for m in shardeds)):
+                    # each rank updates whole rows (columns) as unsharded: the same numbers, but for compiled code's
+                    # vectorization, a few fp32 ulps apart, and stochastic rounding's bits, a bf16 spacing
                     tol = dict(rtol=2 ** -7, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
-                    for a, b in zip([p, *opts[0].state[p].values()], [q, *opts[1].state[q].values()]):
-                        b = b.full_tensor() if torch.is_tensor(b) else b
-                        assert torch.is_tensor(a) or a == b, (case, step, name)
+                    states = [[t, *opt.state[t].values()] for t, opt in zip((p, q, again), opts)]
+                    for a, b, c in zip(*states):
+                        assert torch.is_tensor(a) or a == b == c, (case, step, name)
                         if torch.is_tensor(a):
-                            assert b.dtype == a.dtype, (case, name)
-                            torch.testing.assert_close(b, a.detach(), **tol, msg=lambda m: f"{case} {step} {name}: {m}")
-                        if torch.is_tensor(a) and "stochastic" in case.values() and not compile and "emb" not in name:
-                            # a shard's elements round with the bits they have unsharded: the same numbers
-                            assert torch.equal(b, a), (case, step, name)
+                            assert b.dtype == a.dtype and torch.equal(b.to_local(), c.to_local()), (case, name)
+                            torch.testing.assert_close(b.full_tensor(), a.detach(), **tol,
+                                                       msg=lambda m: f"{case} {step} {name}: {m}")
+                            with torch.no_grad():  # the next step from the same values: each step compared alone
+                                for t in (b, c):
+                                    t.to_local().copy_(distribute_tensor(a.detach(), t.device_mesh,
+                                                                         t.placements).to_local())
             assert all(isinstance(t, DTensor) for s in opts[1].state.values() for t in s.values() if torch.is_tensor(t))
-        # a matrix sharded by columns would need its row norms from both ranks: refused in one line
-        p = nn.Parameter(distribute_tensor(torch.randn(4, 6), sharded.lm_head.weight.device_mesh, [Shard(1)]))
-        p.grad = distribute_tensor(torch.randn(4, 6), p.device_mesh, [Shard(1)])
-        with pytest.raises(ValueError) as e:
-            SCALE([{"params": [p], "role": "matrix"}]).step()
-        assert str(e.value) == ("SCALE normalizes the rows of role 'matrix', so each rank needs whole rows; shard its "
-                                "params by dim 0 (fully_shard's default), got (Shard(dim=1),)")
+        # a matrix sharded by columns, or an embedding by rows, would need its norms from both ranks: refused
+        for role, placement, message in (
+                ("matrix", Shard(1), "matrix norms span dim 1: shard dim 0, not (Shard(dim=1),)"),
+                ("embedding", Shard(0), "embedding norms span dim 0: shard dim 1, not (Shard(dim=0),)")):
+            p = nn.Parameter(distribute_tensor(torch.randn(4, 6), sharded.lm_head.weight.device_mesh, [placement]))
+            p.grad = distribute_tensor(torch.randn(4, 6), p.device_mesh, [placement])
+            with pytest.raises(ValueError) as e:
+                SCALE([{"params": [p], "role": role}]).step()
+            assert str(e.value) == message
     finally:
         gc.collect()  # FSDP's reference cycles hold the process group (see train.main)
         torch.distributed.destroy_process_group()
@@ -660,3 +679,15 @@ def test_sharded_step_equals_unsharded_on_each_role(tmp_path, compile):
     cases = SHARDED_CASES[:1] if compile else SHARDED_CASES  # compiled: one case (8 graphs to compile on each rank)
     torch.multiprocessing.spawn(sharded_step_worker, args=(str(tmp_path / "pg"), cases, compile), nprocs=2)
 
+
+
+def test_fsdp_shards_the_embedding_by_columns_that_the_ranks_divide(monkeypatch):
+    # train.py's FSDP shards the embedding by columns (SCALE normalizes it over the vocabulary); FSDP2 shards a dim
+    # other than 0 only evenly, so a dim the ranks do not divide is refused in one line, before anything is sharded
+    model = LLaMA(LLaMAConfig(dim=8, n_layers=1, n_heads=2, ffn_dim=16, vocab_size=11))
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 3)
+    with pytest.raises(ValueError) as e:
+        train.shard_model(model, SimpleNamespace(dtype="float32"))
+    assert str(e.value) == ("fsdp=True shards the embedding by its 8 columns (dim), which 3 ranks do not divide; use a "
+                            "dim divisible by the number of ranks")
+    assert not any(isinstance(p, DTensor) for p in model.parameters())

@@ -31,8 +31,8 @@ from tools.compare import paper_config
 from data import TrainBatches, token_dtype, write_meta, write_shard
 from tools.make_corpus import make_c4_source
 from model import LLaMA, LLaMAConfig, peak_flops
-from scale import SCALE, scale_param_groups, state_bytes
-from train import set_param_dtypes
+from scale import SCALE, scale_param_groups
+from train import set_param_dtypes, state_bytes
 
 
 def paper_model(name, vocab_size=32000):

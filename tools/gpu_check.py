@@ -41,7 +41,7 @@ from config import load_config
 from tools.compare import paper_config
 from data import write_atomic
 from model import LLaMA, LLaMAConfig
-from scale import SCALE, scale_param_groups, state_bytes
+from scale import SCALE, scale_param_groups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("tests", "memory", "model", "optimizer")  # in the order they run; memory runs beside tests
@@ -95,7 +95,7 @@ def measure_memory(name, optimizer, device):
                                                         for p in model.parameters())
     for opt in optimizers:
         opt.step()
-    state = allocated() - base - params - grads if cuda else state_bytes(optimizers)
+    state = allocated() - base - params - grads if cuda else train.state_bytes(optimizers)
     peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
     return dict(params=params, grads=grads, state=state, peak=peak, batch=batch, seq_len=cfg.seq_len,
                 estimate_gb=compare.memory_gb(cfg, optimizer, vocab_size(name)))
