@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (CKPT, Log, check_resume, claim_out_dir, git_commit, latest_checkpoint, load_checkpoint,
@@ -123,6 +123,10 @@ def shard_model(model, cfg):
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.dtype == "mixed"
               else MixedPrecisionPolicy())
     weights = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    embedding = model.tok_embeddings.weight  # by columns: SCALE's norms over the vocabulary then stay on each rank
+    if embedding.shape[1] % dist.get_world_size():
+        raise ValueError(f"fsdp=True shards the embedding by its {embedding.shape[1]} columns (dim), which "
+                         f"{dist.get_world_size()} ranks do not divide; use a dim divisible by the number of ranks")
     for module in [*model.layers, model]:
         # FSDP all-gathers a group's params in one buffer of one dtype: submodules of another dtype (fp32 norm gains
         # among bf16 weights) are a group of their own
@@ -130,7 +134,7 @@ def shard_model(model, cfg):
             p.dtype != weights and not isinstance(p, DTensor) for p in m.parameters(recurse=False))]
         if apart:
             fully_shard(apart, mp_policy=policy)
-        fully_shard(module, mp_policy=policy)
+        fully_shard(module, mp_policy=policy, shard_placement_fn=lambda p: Shard(1) if p is embedding else None)
 
 
 def train_step(model, batches, step, device, autocast, world_size, fsdp_root=None):
