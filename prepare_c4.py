@@ -1,14 +1,11 @@
-"""Tokenize C4 (or any json/jsonl(.gz) files with a "text" field) into packed token shards.
+"""Tokenize C4 (or any json/jsonl(.gz) files with a "text" field) into packed token shards (data.py).
 
 python prepare_c4.py --out_dir data/c4_gpt2          # 1 train + 1 val file of allenai/c4 from the hub
 python prepare_c4.py --out_dir data/c4_byte --data_dir /path/to/c4 --tokenizer byte --train_shards 8
 
-Each document becomes <|endoftext|> + its tokens, concatenated without padding or truncation, cut into
-shards of --shard_tokens tokens; the output is the same for any --workers. Text that is not valid Unicode
-(invalid UTF-8 in a file, a lone surrogate escape in its JSON) is repaired to U+FFFD as tiktoken's
-encode_ordinary does, and counted in meta.json. Shards are staged as *.new and moved into place once all input
-is tokenized, meta.json last: a failed or killed run never leaves a dataset that looks complete, Ctrl-C or
-SIGTERM removes the staged shards and exits with one line, and rerunning gives byte-identical output.
+Each document is <|endoftext|> + its tokens, cut into shards of --shard_tokens, the same bytes for any --workers.
+Invalid Unicode becomes U+FFFD, as in tiktoken's encode_ordinary, and is counted. Shards are staged as *.new, then
+put in place, meta.json last: a failed or interrupted run leaves the output dir as it was.
 Exit status: 0 done; 1 any error, bad arguments too (one line on stderr, as train.py's); 130 interrupted."""
 import argparse
 import collections
@@ -47,9 +44,8 @@ JSON = json.JSONDecoder(strict=False)  # allows raw control characters (a tab, a
 
 @functools.lru_cache
 def get_encoding(name):
-    """The tiktoken Encoding of a tokenizer name: "byte" (ids 0-255 the UTF-8 bytes, 256 <|endoftext|>), or one of
-    tiktoken's (e.g. gpt2), whose BPE files tiktoken downloads once into its cache. Raises DataError (one line) for
-    an unknown name, or a tiktoken encoding it cannot load (offline, no cache)."""
+    """The tiktoken Encoding "byte" (ids 0-255 the UTF-8 bytes, 256 <|endoftext|>) or one of tiktoken's (gpt2, ...,
+    downloaded once into its cache)."""
     if name == "byte":
         return tiktoken.Encoding("byte", pat_str=r"[\s\S]+", special_tokens={"<|endoftext|>": 256},
                                  mergeable_ranks={bytes([i]): i for i in range(256)})
@@ -102,20 +98,18 @@ def read_chunks(path):
         raise DataError(f"{path} is empty; remove it or re-download it")
 
 
-def hub_chunks(files):
-    import datasets  # only needed without --data_dir
-    for name in files:  # one at a time, so that a line number is one of that file
-        try:
-            ds = datasets.load_dataset("allenai/c4", data_files=name, split="train")
-        except Exception as e:
-            raise DataError(f"could not load {name} of allenai/c4 from the hub ({type(e).__name__}); "
-                            "check the network or pass --data_dir with a local copy") from None
-        for i in range(0, len(ds), CHUNK_DOCS):
-            yield f"allenai/c4 {name}", list(enumerate(ds[i:i + CHUNK_DOCS]["text"], i + 1))
+def hub_file(name):
+    """A file of allenai/c4 (en/c4-train.00000-of-01024.json.gz, ...) -> its path in the Hugging Face cache."""
+    import huggingface_hub  # only needed without --data_dir
+    try:
+        return huggingface_hub.hf_hub_download("allenai/c4", name, repo_type="dataset")
+    except Exception as e:
+        raise DataError(f"could not download {name} of allenai/c4 from the hub ({type(e).__name__}); "
+                        "check the network or pass --data_dir with a local copy") from None
 
 
 def parse_line(line):
-    """A raw json line (bytes) -> (its "text", whether invalid UTF-8 in it was replaced by U+FFFD)."""
+    """A json line (bytes) -> (its "text", whether invalid UTF-8 in it was replaced by U+FFFD)."""
     try:
         s, repaired = line.decode("utf-8"), False
     except UnicodeDecodeError:
@@ -139,7 +133,7 @@ def tokenize(tokenizer, chunk):
     eot, parts, repaired = np.array([enc.eot_token], dtype=np.uint32), [np.empty(0, dtype=np.uint32)], 0
     for line_number, item in items:
         try:
-            text, bad_bytes = parse_line(item) if isinstance(item, bytes) else (item, False)
+            text, bad_bytes = parse_line(item)
             tokens, bad_text = encode(enc, text)
         except (ValueError, KeyError, TypeError, RecursionError):
             raise DataError(f"{where} line {line_number}: not a JSON object with a 'text' string; "
@@ -150,7 +144,7 @@ def tokenize(tokenizer, chunk):
 
 
 def tokenize_split(split, chunks, pool, args):
-    """Tokenize one split into staged shards <split>_NNNNNN.bin.new; -> its meta.json entry."""
+    """Tokenize one split into staged shards <split>_NNNNNN.bin.new -> its meta.json entry."""
     names, buf, n_tokens, n_docs, n_repaired, max_id, t0 = [], [], 0, 0, 0, 0, time.time()
 
     def flush(tokens):
@@ -232,7 +226,7 @@ def dead_worker(pool):
 
 
 def stop(pool):
-    """Kill pool's workers and shut it down (kill_workers from Python 3.14)."""
+    """Kill pool's workers (kill_workers from Python 3.14 on) and shut it down."""
     if pool:
         for p in list(pool._processes.values()):
             p.kill()
@@ -273,10 +267,10 @@ def main(argv=None):
     if args.data_dir:
         files = find_sources(args.data_dir, args.train_shards, args.val_shards)
         source = {"files": {s: [os.path.abspath(f) for f in fs] for s, fs in files.items()}}
-        chunks = {s: (c for f in fs for c in read_chunks(f)) for s, fs in files.items()}
     else:
         source = {"hub": "allenai/c4", "files": c4_files(args.train_shards, args.val_shards)}
-        chunks = {s: hub_chunks(fs) for s, fs in source["files"].items()}
+        files = {s: map(hub_file, fs) for s, fs in source["files"].items()}  # each downloaded when it is read
+    chunks = {s: (c for f in fs for c in read_chunks(f)) for s, fs in files.items()}
     os.makedirs(args.out_dir, exist_ok=True)
     meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "tokenizer_vocab_size": enc.n_vocab,
             "eot_id": enc.eot_token, "source": source, "dtype": token_dtype(enc.n_vocab).name,
@@ -328,17 +322,12 @@ def install(out_dir, meta):
 
 
 # -----------------------------------------------------------------------------
-# first use: a data dir named after a bundled sample (data.BUNDLED) is prepared from it when train.py first reads it
+# first use: train.py prepares a data dir named after a bundled sample (data.BUNDLED) from it
 
 def prepare_once(out_dir, source):
-    """Prepare the json files at source (a C4 clone, dir or glob, read as --data_dir reads them) into out_dir
-    with the byte tokenizer, unless out_dir/meta.json exists. -> True if this call prepared out_dir, else False.
-
-    Safe for concurrent and killed runs: each run prepares into its own sibling dir out_dir.tmp-<pid>-<host> and
-    renames that to out_dir in one step. The first rename wins; later runs discard theirs (the output is
-    deterministic, so all are the same). A killed run leaves only its temp dir, which a later run on the same
-    host removes once that process is gone. Raises DataError if source does not exist or holds no json
-    files, or if out_dir exists, not empty, without meta.json (nothing is removed then)."""
+    """Prepare source (as --data_dir reads it) into out_dir with the byte tokenizer unless it holds meta.json ->
+    whether this call did. Each run prepares into its own out_dir.tmp-<pid>-<host> and renames it to out_dir: the
+    first rename wins (all are the same), and a later run on the host removes the temp dirs of dead ones."""
     meta = os.path.join(out_dir, "meta.json")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(meta):
         raise DataError(not_a_dataset(out_dir, source))
@@ -378,11 +367,8 @@ def not_a_dataset(out_dir, source):
 
 
 def remove_stale_tmp_dirs(parent, name):
-    """Remove the temp dirs of prepare_once runs on this host that were killed (their process is gone)."""
-    if os.name != "posix":  # os.kill(pid, 0) checks a pid only on POSIX
-        return
     prefix, host = f"{name}.tmp-", socket.gethostname()
-    for entry in os.listdir(parent):
+    for entry in os.listdir(parent) if os.name == "posix" else []:  # os.kill(pid, 0) checks a pid on POSIX only
         pid, _, entry_host = entry.removeprefix(prefix).partition("-")
         if entry.startswith(prefix) and pid.isdigit() and entry_host == host and not process_alive(int(pid)):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
@@ -390,10 +376,10 @@ def remove_stale_tmp_dirs(parent, name):
 
 def process_alive(pid):
     try:
-        os.kill(pid, 0)  # signal 0 sends nothing: it only checks that the process exists
+        os.kill(pid, 0)  # sends nothing: only checks that the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # it exists, as another user's process
+    except PermissionError:  # another user's
         pass
     return True
 

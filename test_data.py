@@ -306,20 +306,27 @@ def test_a_line_number_is_the_files_across_blank_lines_and_work_items(tmp_path, 
                            "file"
 
 
-def test_a_line_number_from_the_hub_is_one_of_the_file_named(tmp_path, monkeypatch):
-    import datasets
-    texts = {"en/c4-train.00000-of-01024.json.gz": ["a", "b"], "en/c4-validation.00000-of-00008.json.gz": ["v"],
-             "en/c4-train.00001-of-01024.json.gz": ["c", "d", None]}
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, data_files, split:
-                        datasets.Dataset.from_dict({"text": texts[data_files]}))
-    args = ["--out_dir", str(tmp_path), "--tokenizer", "byte", "--train_shards", "2", "--workers", "1"]
+def test_the_hub_files_are_downloaded_and_read_as_local_files(tmp_path, monkeypatch):
+    """A line number is then one of the file named, and the data that of a local clone of the same files."""
+    import huggingface_hub
+    src = tmp_path / "src"
+    make_c4_source(src, n_train=(5, 5), n_val=3)
+    (src / SPLIT_FILES["train"][1]).write_bytes(gzip.compress(b'{"text": "a"}\n{"text": null}\n'))
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, repo_type:
+                        downloads.append((repo, name, repo_type)) or str(src / name))
+    args = ["--tokenizer", "byte", "--train_shards", "2", "--workers", "1"]
     with pytest.raises(DataError) as e:
-        prepare_c4.main(args)
-    assert str(e.value) == ("allenai/c4 en/c4-train.00001-of-01024.json.gz line 3: not a JSON object with a 'text' "
-                            "string; fix or remove that file")
-    texts["en/c4-train.00001-of-01024.json.gz"][2] = "e"
-    prepare_c4.main(args)
-    assert split_tokens(tmp_path, "train").tolist() == [256, *b"a", 256, *b"b", 256, *b"c", 256, *b"d", 256, *b"e"]
+        prepare_c4.main(["--out_dir", str(tmp_path / "hub"), *args])
+    assert str(e.value) == (f"{src / SPLIT_FILES['train'][1]} line 2: not a JSON object with a 'text' string; fix or "
+                            "remove that file")
+    assert downloads == [("allenai/c4", name, "dataset") for name in SPLIT_FILES["train"]]
+    (src / SPLIT_FILES["train"][1]).write_bytes(gzip.compress(b'{"text": "a"}\n{"text": "b"}\n'))
+    meta = prepare_c4.main(["--out_dir", str(tmp_path / "hub"), *args])
+    assert meta["source"] == {"hub": "allenai/c4", "files": SPLIT_FILES}
+    prepare(tmp_path / "local", src, *args)
+    assert {k: v for k, v in dir_bytes(tmp_path / "hub").items() if k != "meta.json"} == \
+        {k: v for k, v in dir_bytes(tmp_path / "local").items() if k != "meta.json"}
 
 
 @pytest.mark.parametrize("names, source, val", [
