@@ -1,11 +1,13 @@
 """Token shards on disk and the batch loader that reads them.
 
-A shard is a 32-byte header of four little-endian int64 (magic, format version, bytes per token,
-token count) followed by the tokens as uint16 (vocab <= 65536) or uint32. A prepared data dir holds
-train_000000.bin, ..., val_000000.bin, ... and meta.json (written by prepare_c4.py).
+A shard is a header of four little-endian int64 (magic, format version, bytes per token, token count), then the
+tokens as uint16 (vocab <= 65536) or uint32. prepare_c4.py writes a data dir of train_000000.bin, ...,
+val_000000.bin, ... and meta.json.
 """
 import bisect
 import collections
+import functools
+import itertools
 import json
 import os
 import resource
@@ -14,8 +16,7 @@ import numpy as np
 
 MAGIC = 0x53434C45_44415441  # "SCLEDATA"
 VERSION = 1
-HEADER = 4  # int64 fields
-HEADER_BYTES = HEADER * 8
+HEADER_BYTES = 4 * 8
 DTYPES = {2: np.uint16, 4: np.uint32}
 SPLITS = ("train", "val")
 BUNDLED = {"kjv_byte": "assets/kjv"}  # data dir name: the sample in this repository (assets/kjv/SOURCE.md)
@@ -30,8 +31,7 @@ def token_dtype(vocab_size):
 
 
 def bundled_source(data_dir):
-    """The bundled sample (an absolute path) that a data dir of this name (e.g. data/kjv_byte) is prepared from,
-    or None."""
+    """The bundled sample (an absolute path) that a data dir of this name (data/kjv_byte) is prepared from, or None."""
     name = BUNDLED.get(os.path.basename(os.path.normpath(data_dir)))
     return name and os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
 
@@ -73,8 +73,7 @@ def write_shard(path, tokens):
 
 
 def read_header(path, dtype=None):
-    """-> (dtype, n_tokens), checking magic, version, file size and, if dtype is given (what meta.json says the
-    tokens are), the token dtype."""
+    """-> (dtype, n_tokens), checking magic, version, file size and, if given (meta.json's), the token dtype."""
     redo = f"re-run {prepare_command(os.path.dirname(path), whole=False)}"
     try:
         with open(path, "rb") as f:
@@ -112,10 +111,8 @@ def write_meta(data_dir, meta):
 
 
 def load_meta(data_dir):
-    """-> data_dir/meta.json as a dict, checked against itself: its vocab_size must be the tokenizer's (as
-    prepare_c4.py recorded it) and above every token id the shards hold, so a hand-edited or mismatched
-    vocabulary is refused before any model is built. A meta.json from before those fields were recorded is
-    checked without them. Raises DataError."""
+    """-> data_dir/meta.json as a dict, its vocab_size checked against the tokenizer's and the largest token id
+    (where recorded: older meta.json lack them), so that a wrong one is refused before any model is built."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isdir(data_dir):
         raise DataError(f"data dir {data_dir} does not exist; run {prepare_command(data_dir)} first")
@@ -166,8 +163,7 @@ def check_same_data(saved, data_dir, ckpt_path):
 
 
 def raise_open_file_limit(want):
-    """Raise this process's soft open-file limit towards want, as far as the hard limit allows (no privilege
-    needed) -> the soft limit now. A default soft limit of 1024 is below what all of C4's shards would use."""
+    """Raise the soft open-file limit towards want, as far as the hard limit allows -> the soft limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < want:
         soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
@@ -176,13 +172,9 @@ def raise_open_file_limit(want):
 
 
 class Windows:
-    """The (seq_len+1)-token windows at stride seq_len of one split's token stream (DataError if it has none), its
-    shards read end to end
-    (a window may cross shard boundaries). Window i is stream[i*seq_len : i*seq_len + seq_len + 1]; only the
-    last, partial window is unreachable. Reads with os.preadv, keeping at most a quarter of the open-file limit
-    (RLIMIT_NOFILE, first raised to 4 per shard if the hard limit allows) of shards open, least recently used closed
-    first: any number of shards fits the limit (a memmap would hold a file descriptor per shard), and up to that
-    many, no shard is opened twice."""
+    """Window i of a split is stream[i*seq_len : i*seq_len + seq_len + 1], its shards read end to end as one stream.
+    Shards are read with os.preadv, at most a quarter of the open-file limit (first raised to 4 per shard if it can
+    be) of them open, the least recently used closed first: any number of shards fits the limit."""
 
     def __init__(self, data_dir, meta, split, seq_len):
         self.fds = collections.OrderedDict()  # shard index -> open file descriptor, least recently used first
@@ -191,11 +183,9 @@ class Windows:
         if not info["shards"]:
             raise DataError(f"{data_dir} has no {split} shards; {self.redo}")
         self.paths = [os.path.join(data_dir, name) for name in info["shards"]]
-        sizes = [read_header(path, meta["dtype"])[1] for path in self.paths]
-        self.dtype, self.start = np.dtype(meta["dtype"]), [0]  # start[s]: stream position of shard s's first token
-        for n in sizes:
-            self.start.append(self.start[-1] + n)
-        self.n_tokens, self.seq_len = self.start[-1], seq_len
+        # start[s]: the stream position of shard s's first token
+        self.start = [0, *itertools.accumulate(read_header(p, meta["dtype"])[1] for p in self.paths)]
+        self.dtype, self.n_tokens, self.seq_len = np.dtype(meta["dtype"]), self.start[-1], seq_len
         if self.n_tokens != info["tokens"]:
             raise DataError(f"{split} shards in {data_dir} hold {self.n_tokens} tokens, meta.json says "
                             f"{info['tokens']}; {self.redo}")
@@ -243,7 +233,7 @@ class Windows:
 
 
 class TrainBatches:
-    """Training batches, a deterministic function of (seed, step, micro_step, rank)."""
+    """Training batches, a function of (seed, step, micro_step, rank) only."""
 
     def __init__(self, data_dir, seq_len, batch_size, total_batch_size, rank=0, world_size=1, seed=0):
         if not 0 <= rank < world_size:
@@ -256,15 +246,10 @@ class TrainBatches:
         self.windows = Windows(data_dir, self.meta, "train", seq_len)
         self.B, self.TB, self.rank, self.world_size, self.seed = batch_size, total_batch_size, rank, world_size, seed
         self.grad_accum = total_batch_size // (batch_size * world_size)
-        self._perms = {}
 
+    @functools.lru_cache(maxsize=4)
     def permutation(self, epoch):
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.clear()
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perms[epoch] = rng.permutation(self.windows.count)
-        return self._perms[epoch]
+        return np.random.default_rng([self.seed, epoch]).permutation(self.windows.count)
 
     def get(self, step, micro_step):
         # position p of the endless sequence of epoch permutations is window perm(p // N)[p % N]
@@ -279,8 +264,8 @@ class TrainBatches:
 
 
 def val_batches(data_dir, seq_len, batch_size, eval_tokens, rank=0, world_size=1, split="val"):
-    """The first ceil(eval_tokens/seq_len) windows of a split (val unless told); rank r takes windows r, r+W, ...
-    in batches. Checks its input when called, before the first batch is asked for."""
+    """The first ceil(eval_tokens/seq_len) windows of a split; rank r takes windows r, r+W, ... in batches. Checks
+    its input when called, before the first batch is asked for."""
     windows = Windows(data_dir, load_meta(data_dir), split, seq_len)
     n = -(-eval_tokens // seq_len)
     if n > windows.count:
