@@ -64,12 +64,7 @@ def write_shard(path, tokens):
     if tokens.dtype not in (np.uint16, np.uint32) or tokens.ndim != 1:
         raise DataError(f"write_shard wants a 1-D uint16/uint32 array, got {tokens.dtype} {tokens.shape}")
     header = np.array([MAGIC, VERSION, tokens.dtype.itemsize, len(tokens)], dtype="<i8")
-
-    def write(f):
-        f.write(header.tobytes())
-        f.write(np.ascontiguousarray(tokens, tokens.dtype.newbyteorder("<")).data)
-
-    write_atomic(path, write)
+    write_atomic(path, lambda f: f.writelines([header, np.ascontiguousarray(tokens, tokens.dtype.newbyteorder("<"))]))
 
 
 def read_header(path, dtype=None):
@@ -252,15 +247,9 @@ class TrainBatches:
         return np.random.default_rng([self.seed, epoch]).permutation(self.windows.count)
 
     def get(self, step, micro_step):
-        # position p of the endless sequence of epoch permutations is window perm(p // N)[p % N]
-        start = step * self.TB + (micro_step * self.world_size + self.rank) * self.B
-        N = self.windows.count
-        pos = np.arange(start, start + self.B)
-        idx = np.empty(self.B, dtype=np.int64)
-        for epoch in np.unique(pos // N):
-            sel = pos // N == epoch
-            idx[sel] = self.permutation(int(epoch))[pos[sel] % N]
-        return self.windows.batch(idx)
+        """Position p of the endless sequence of epoch permutations is window permutation(p // N)[p % N]."""
+        start, N = step * self.TB + (micro_step * self.world_size + self.rank) * self.B, self.windows.count
+        return self.windows.batch([self.permutation(p // N)[p % N] for p in range(start, start + self.B)])
 
 
 def val_batches(data_dir, seq_len, batch_size, eval_tokens, rank=0, world_size=1, split="val"):
