@@ -36,7 +36,7 @@ from data import BUNDLED, DataError, bundled_source, token_dtype, write_meta, wr
 C4_FILES = {"train": "en/c4-train.{:05d}-of-01024.json.gz", "val": "en/c4-validation.{:05d}-of-00008.json.gz"}
 SHARD = r"(train|val)_\d{6}\.bin(\.new(\.tmp)?)?"  # a shard, staged (.new) or being written (.new.tmp)
 OURS = re.compile(rf"meta\.json(\.tmp)?|{SHARD}")  # every name prepare_c4.py writes in --out_dir
-VAL_WORDS = {"val", "valid", "validation"}  # a source file with one of these words in its name is validation data
+VAL_WORDS = {"val", "valid", "validation"}  # a source file with one of these words in its path is validation data
 CHUNK_DOCS = 512  # documents per work item; fixed, so the output does not depend on --workers
 PROGRESS_S = 10  # seconds between progress lines when stderr is not a terminal (a log file)
 JSON = json.JSONDecoder(strict=False)  # allows raw control characters (a tab, a NUL) in strings, as scraped text has
