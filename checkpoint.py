@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from config import DEFAULTS
-from data import write_atomic
+from data import check_same_data, data_identity, write_atomic
 from model import SHAPE
 
 CKPT, PREV_CKPT, LOG = "ckpt.pt", "ckpt_prev.pt", "log.jsonl"  # in out_dir
@@ -38,7 +38,8 @@ def save_checkpoint(out_dir, model, optimizers, step, cfg, batches, master):
         cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
         rng = dict(torch=torch.get_rng_state(), cuda=cuda, numpy=[name, keys.tolist(), *rest], python=random.getstate())
         ckpt = dict(model=weights, optimizers=states, step=step, config=vars(cfg), vocab_size=batches.vocab_size,
-                    tokenizer=batches.meta["tokenizer"], eot_id=batches.meta["eot_id"], rng=rng)
+                    tokenizer=batches.meta["tokenizer"], eot_id=batches.meta["eot_id"], rng=rng,
+                    data=data_identity(batches.meta))
         write_atomic(os.path.join(out_dir, CKPT), lambda f: torch.save(ckpt, f), os.path.join(out_dir, PREV_CKPT))
 
 
@@ -86,6 +87,7 @@ def check_resume(ckpt, path, cfg, vocab_size):
     if ckpt["vocab_size"] != vocab_size:
         raise ValueError(f"{path} has a vocabulary of {ckpt['vocab_size']} but {cfg.data_dir} has {vocab_size}; "
                          "resume on the data it was trained on, or start a new run with another --out_dir")
+    check_same_data(ckpt.get("data"), cfg.data_dir, path)
     if ckpt["step"] > cfg.max_steps:
         raise ValueError(f"{path} is at step {ckpt['step']}, beyond max_steps={cfg.max_steps}; "
                          f"resume with --max_steps={ckpt['step']} or more")

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from data import Windows, load_meta
+from data import Windows, check_same_data, load_meta
 from sample import ArgumentParser, load_model, pick_device
 from train import autocast_for, evaluate, init_distributed
 
@@ -65,6 +65,8 @@ def main(argv=None):
         run = info["config"]
         data_dir = args.data_dir or run["data_dir"]
         check_data(info, data_dir)
+        if not args.data_dir:  # the run's: still the data it was trained on?
+            check_same_data(info["data"], data_dir, info["path"])
         cfg = SimpleNamespace(data_dir=data_dir, seq_len=run["seq_len"],
                               batch_size=args.batch_size or run["batch_size"],
                               eval_tokens=eval_tokens_of(args.eval_tokens, data_dir, args.split, run["seq_len"])

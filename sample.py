@@ -58,7 +58,7 @@ def load_model(path, device):
         raise ValueError(f"{path} does not fit this model.py ({str(e).splitlines()[0]}); "
                          "use the code it was written by") from None
     info = dict(path=path, step=ckpt["step"], config=cfg, vocab_size=ckpt["vocab_size"],
-                tokenizer=ckpt.get("tokenizer"), eot_id=ckpt.get("eot_id"))
+                tokenizer=ckpt.get("tokenizer"), eot_id=ckpt.get("eot_id"), data=ckpt.get("data"))
     return model.eval(), info
 
 

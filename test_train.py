@@ -342,6 +342,28 @@ def test_resume_refuses_another_vocab_or_fewer_steps(scale_run, byte_data, tmp_p
         "on, or start a new run with another --out_dir")
 
 
+@pytest.mark.slow
+def test_resume_and_eval_refuse_data_prepared_again_otherwise(scale_run, byte_data, c4_source, tmp_path):
+    """The issue's case: prepare_c4.py --overwrite into the run's data_dir, with other shards: resuming or evaluating
+    the run there says it is not the data it was trained on, in one line."""
+    import eval as eval_py
+    import prepare_c4
+    data = str(tmp_path / "data")
+    shutil.copytree(byte_data, data)
+    out = copy_run(scale_run, tmp_path)
+    ckpt = load_ckpt(out)
+    ckpt["config"]["data_dir"] = data  # the run trained on this copy
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    prepare_c4.main(["--out_dir", data, "--data_dir", str(c4_source), "--tokenizer", "byte", "--train_shards", "1",
+                     "--workers", "1", "--overwrite"])
+    message = (f"{data} is not the data {out}/ckpt.pt was trained on (its train tokens, source differ); use that "
+               "data: prepare_c4.py with the same arguments makes it again")
+    assert exit_message(tiny_args(data, out, resume=True, max_steps=40)) == f"error: {message}"
+    with pytest.raises(SystemExit) as e:
+        eval_py.main(["--ckpt", out])
+    assert e.value.code == f"error: {message}"
+
+
 def test_resume_applies_new_hyperparameters_and_logs_what_it_ran(byte_data, tmp_path, capsys):
     out = str(tmp_path / "run")
     train.main(tiny_args(byte_data, out, lr=1e-2, max_steps=10, resume=True))
