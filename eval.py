@@ -14,7 +14,6 @@ import os
 import sys
 from types import SimpleNamespace
 
-import torch
 import torch.distributed as dist
 
 from data import Windows, check_same_data, load_meta
