@@ -55,7 +55,7 @@ def get_encoding(name):
         return tiktoken.get_encoding(name)
     except Exception as e:
         raise DataError(f"could not download tiktoken encoding {name!r} ({type(e).__name__}); run once with network "
-                        "access, or point TIKTOKEN_CACHE_DIR at a dir holding it (README: Offline data)") from None
+                        "access, or point TIKTOKEN_CACHE_DIR at a dir holding it (docs/data.md)") from None
 
 
 def c4_files(train_shards, val_shards):

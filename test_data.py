@@ -471,7 +471,7 @@ def test_unknown_tokenizer_and_download_failure(monkeypatch):
     with pytest.raises(DataError) as e:
         prepare_c4.get_encoding("gpt2")
     message = ("could not download tiktoken encoding 'gpt2' (ConnectionError); run once with network access, or point "
-               "TIKTOKEN_CACHE_DIR at a dir holding it (README: Offline data)")
+               "TIKTOKEN_CACHE_DIR at a dir holding it (docs/data.md)")
     assert str(e.value) == message
     with pytest.raises(DataError) as e:  # prepare_c4.py also names the tokenizer that needs no download
         prepare_c4.main(["--out_dir", "unused", "--tokenizer", "gpt2"])
