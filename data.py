@@ -150,8 +150,10 @@ def data_identity(meta):
 def check_same_data(saved, data_dir, ckpt_path):
     """Raise DataError unless data_dir holds the data whose data_identity the checkpoint at ckpt_path saved (None,
     in a checkpoint older than that record, passes)."""
+    if not saved:
+        return
     now = data_identity(load_meta(data_dir))
-    changed = [key for key in saved or {} if saved[key] != now.get(key)]
+    changed = [key for key in saved if saved[key] != now.get(key)]
     if changed:
         raise DataError(f"{data_dir} is not the data {ckpt_path} was trained on (its {', '.join(changed)} differ); "
                         "use that data: prepare_c4.py with the same arguments makes it again")
