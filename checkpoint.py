@@ -127,8 +127,8 @@ def has_tensors(state):
 
 
 def init_state(opt):
-    """Give an optimizer without state its state, as torch.distributed.checkpoint would, by a step on zero grads, but
-    with step() (it passes closure=None, which a user's step may not take); loading the weights after undoes it."""
+    """Give an optimizer without state its state, which torch.distributed.checkpoint loads into, by a step on zero
+    grads: step() without a closure, which a user's may not take; the weights, loaded after, undo the step."""
     if not opt.state:
         for p in (p for group in opt.param_groups for p in group["params"]):
             p.grad = torch.zeros_like(p)
@@ -165,12 +165,15 @@ def claim_out_dir(cfg, master):
     return lock
 
 
-def record_step(line):
-    """The step of a log.jsonl line, or None for a line a kill cut short (no newline) or damaged."""
+def kept(line, resumed_step):
+    """Whether a log.jsonl line stays when a run resumes at resumed_step: whole (a kill may cut the last short), and
+    of an earlier step, or of that step but not the start or resume of a run that resumed there before."""
     try:
-        return json.loads(line)["step"] if line.endswith("\n") else None
+        record = json.loads(line) if line.endswith("\n") else None
+        return record["step"] < resumed_step or record["step"] == resumed_step and record["event"] not in (
+            "start", "resume")
     except (ValueError, KeyError, TypeError):
-        return None
+        return False
 
 
 class Log:
@@ -184,7 +187,7 @@ class Log:
         keep = []
         if resumed_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
-                keep = [line for line in f if record_step(line) is not None and record_step(line) <= resumed_step]
+                keep = [line for line in f if kept(line, resumed_step)]
         write_atomic(self.path, lambda f: f.write("".join(keep).encode()))
         if cfg.wandb_project:
             try:

@@ -5,7 +5,6 @@ RMSNorm -> SwiGLU MLP -> residual; final RMSNorm; untied lm_head. No biases, no 
 Numerically the same as transformers.LlamaForCausalLM with the same config (test_model.py checks).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch

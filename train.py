@@ -33,7 +33,7 @@ from config import help_text, load_config
 from data import TrainBatches, val_batches
 from model import LLaMA, LLaMAConfig, peak_flops
 from prepare_c4 import bundled_source, prepare_once
-from scale import SCALE, scale_param_groups
+from scale import SCALE, local, scale_param_groups
 
 
 # -----------------------------------------------------------------------------
@@ -43,7 +43,7 @@ from scale import SCALE, scale_param_groups
 def scale(model, cfg):
     stochastic = cfg.dtype == "bfloat16" and cfg.bf16 == "stochastic"
     return SCALE(scale_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                 adam_lr=cfg.adam_lr or None, momentum_roles=tuple(r for r in cfg.momentum_roles.split(",") if r),
+                 adam_lr=cfg.adam_lr or None, momentum_roles=tuple(cfg.momentum_roles.split(",")),
                  compile=cfg.compile, bf16_rounding="stochastic" if stochastic else "nearest", seed=cfg.seed)
 
 
@@ -101,7 +101,7 @@ def init_distributed(fsdp=False):
     cuda:LOCAL_RANK, with fp32 matmuls in TF32, or the CPU."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK'] if 'RANK' in os.environ else 0}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # the API that keeps torch's legacy and new TF32 flags consistent
@@ -210,11 +210,6 @@ def diverged(what, step, saved, ckpt_path):
     return FloatingPointError(f"{what} at step {step}: training diverged, stopped; {kept}. Lower lr or set grad_clip")
 
 
-def local_shards(tensors):
-    """Each tensor's local shard under FSDP (a DTensor's to_local()), or the tensor."""
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-
-
 def state_tensors(optimizers):
     """The state tensors of any torch optimizers (momentum buffers, moments), 0-D step counters aside."""
     return [t for opt in optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
@@ -234,7 +229,7 @@ def most_on_a_rank(value, world_size, device, op=dist.ReduceOp.MAX):
 
 def bytes_held(tensors, world_size, device):
     """The most bytes of these tensors that any rank holds: of its local shards under FSDP, of all under DDP."""
-    return most_on_a_rank(sum(t.numel() * t.element_size() for t in local_shards(tensors)), world_size, device)
+    return most_on_a_rank(sum(t.numel() * t.element_size() for t in local(tensors)), world_size, device)
 
 
 def check_inputs(cfg, rank=0, world_size=1):
@@ -273,7 +268,8 @@ class StopSignals:
     def __init__(self):
         self.signum, self.at = 0, 0.0
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self.handle)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # as nohup and a shell's background jobs leave SIGINT
+                signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):
         if not self.signum:
@@ -349,9 +345,10 @@ def train(cfg):
         signum, stop = 0, StopSignals()
         for step in range(start_step, cfg.max_steps + 1):
             # evaluate and save the weights after `step` optimizer steps (a resumed run's first step: the run that
-            # saved it did); their time is not training time
+            # saved it did; a signal: save at once); their time is not training time
             last_step = step == cfg.max_steps
-            evaluating = (step % cfg.eval_every == 0 or last_step) and not (resumed and step == start_step)
+            first = resumed and step == start_step
+            evaluating = (step % cfg.eval_every == 0 and not signum or last_step) and not first
             saving = step > start_step and (step % cfg.ckpt_every == 0 or last_step or signum)
             if evaluating or saving:
                 sync()
@@ -363,7 +360,7 @@ def train(cfg):
                         eval_seconds=seconds)
                 if saving:  # never over the last good checkpoint: finite losses can come with non-finite weights
                     check_losses(losses, logged_step, saved, ckpt_path)
-                    finite = all(torch.isfinite(p).all() for p in local_shards(model.parameters()))
+                    finite = all(torch.isfinite(p).all() for p in local(model.parameters()))
                     if not most_on_a_rank(finite, world_size, device, op=dist.ReduceOp.MIN):
                         raise diverged("the weights are not finite", step, saved, ckpt_path)
                     save_checkpoint(cfg.out_dir, model, optimizers, step, cfg, batches, master)
@@ -430,7 +427,7 @@ def main(argv):
         signum, step, path = e.args
         if master:
             launcher = "torchrun [its options] train.py" if "RANK" in os.environ else "python train.py"
-            argv = [a for a in argv if not a.startswith("--resume=")] + ["--resume=True"]
+            argv = [a for a in argv if not a.startswith(("--resume=", "--overwrite="))] + ["--resume=True"]
             print(f"{signal.Signals(signum).name}: stopped at step {step}, saved {path}; resume with: {launcher} "
                   f"{shlex.join(argv)}", flush=True)
         sys.exit(128 + signum)
@@ -439,7 +436,7 @@ def main(argv):
         sys.exit(130)
     finally:
         for s, handler in handlers.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: a handler set from C
         if dist.is_initialized():
             gc.collect()  # FSDP's modules hold the process group in cycles: free them while Python still runs
             dist.destroy_process_group()
