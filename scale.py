@@ -69,8 +69,9 @@ class SCALE(torch.optim.Optimizer):
             self.state[p]["step"] = self.state[p].get("step", 0) + 1
         scalars = self._fill(i, device, lr=lr, decay=1 - lr * group["weight_decay"], one_minus_beta=1 - beta)
         generator = torch.cuda.default_generators[device.index] if device.type == "cuda" else torch.default_generator
+        shard = params[0].device_mesh.get_coordinate() if isinstance(params[0], DTensor) else []  # FSDP: a rank's bits
         with torch.random.fork_rng([device] if device.type == "cuda" else []):
-            generator.manual_seed(hash((group["seed"], i, *(self.state[p]["step"] for p in bf16))))
+            generator.manual_seed(hash((group["seed"], i, *shard, *(self.state[p]["step"] for p in bf16))))
             self._normalized_update(local([p, p.grad] for p in params), local(bufs), ROLES[group["role"]],
                                     bool(bf16), **scalars)
 
@@ -90,11 +91,10 @@ class SCALE(torch.optim.Optimizer):
         self._adamw_update(tensors, step_sizes=step_sizes, **scalars)
 
     def _fill(self, key, device, **values):
-        """{name: 0-D fp32 tensor on device}, made once per key and filled in place (lr changes without a recompile)
-        with values computed in float64 (1 - fp32(0.999) would be off by a relative 1.3e-5)."""
-        if key not in self._scalars:
-            self._scalars[key] = {name: torch.empty((), device=device) for name in values}
-        return {name: t.fill_(values[name]) for name, t in self._scalars[key].items()}
+        """{name: 0-D fp32 tensor}, made once per (key, device) and filled in place: no recompile as lr changes."""
+        if (key, device) not in self._scalars:
+            self._scalars[key, device] = {name: torch.empty((), device=device) for name in values}
+        return {name: t.fill_(values[name]) for name, t in self._scalars[key, device].items()}
 
 
 def normalized_update_(tensors, bufs, dim: int, stochastic: bool, lr, decay, one_minus_beta):
