@@ -151,9 +151,15 @@ def write_dir(out_dir, overwrite, write):
         os.mkdir(new)  # the umask's permissions, not mkdtemp's 0700
         write(new)
         check_out_dir(out_dir, overwrite)
-        if os.path.exists(out_dir):
-            os.replace(out_dir, os.path.join(stage, "old"))
-        os.replace(new, out_dir)
+        old = os.path.join(stage, "old")
+        try:
+            if os.path.exists(out_dir):
+                os.replace(out_dir, old)
+            os.replace(new, out_dir)
+        except BaseException:  # an error, or Ctrl-C between the two renames: the previous export goes back
+            if os.path.exists(old) and not os.path.exists(out_dir):
+                os.replace(old, out_dir)
+            raise
     finally:
         shutil.rmtree(stage)
 
@@ -174,7 +180,7 @@ def main(argv=None):
         enc, eot_id = checkpoint_tokenizer(info, args.tokenizer)
         hf, tok = hf_model(model, eot_id), hf_tokenizer(enc, eot_id, model.config.max_seq_len)
         write_dir(args.out_dir, args.overwrite, lambda d: (hf.save_pretrained(d), save_tokenizer(tok, d)))
-    except ValueError as e:  # bad input (DataError is a ValueError)
+    except (ValueError, OSError) as e:  # bad input (DataError is a ValueError), an out_dir it cannot write
         sys.exit(f"error: {e}")
     print(f"wrote {args.out_dir}: LlamaForCausalLM with the weights of {info['path']} (step {info['step']}, "
           f"{model.num_params():,} parameters in {hf.dtype}) and tokenizer {enc.name}; load it with "

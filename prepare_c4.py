@@ -214,7 +214,10 @@ def exit_with_parent(parent):
 def dead_worker(pool):
     """The DataError for a pool broken by a worker's death: which worker, and how it died."""
     procs = list(pool._processes.values())  # in start order
-    ready = multiprocessing.connection.wait([p.sentinel for p in procs])  # the dead one, and any that exited since
+    ready = multiprocessing.connection.wait([p.sentinel for p in procs], timeout=10)  # the dead one, any exited since
+    if not ready:  # broken with every worker alive: a result that could not be passed back
+        return DataError("the worker pool broke with every worker alive; the output dir is as it was: rerun with "
+                         "--workers 1")
     for p in procs:
         if p.sentinel in ready:
             p.join()

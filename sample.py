@@ -33,10 +33,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def load_model(path, device):
     """A train.py checkpoint (a file, or a run's out_dir) -> (model, info): the LLaMA on device in eval mode, its
-    params in the run's dtypes (bf16 for dtype=bfloat16, but for the fp32 1-D params of bf16=stochastic or
-    fp32_vectors; else fp32), built as train.py builds it (set_param_dtypes); info holds the
-    checkpoint's path, step, config (the run's, a dict), vocab_size, tokenizer and eot_id (these two None in a
-    checkpoint that predates them). Raises ValueError (one line) for a missing, damaged or mismatched checkpoint."""
+    params in the run's dtypes (set_param_dtypes); info holds the checkpoint's path, step, config (a dict),
+    vocab_size, tokenizer, eot_id and data (None where it predates them). Raises ValueError (a line, and maybe one of
+    detail) for a missing, damaged or mismatched checkpoint."""
     if os.path.isdir(path):
         found = latest_checkpoint(path)
         if found is None:

@@ -363,6 +363,24 @@ def test_export_refuses_an_existing_export_and_overwrite_replaces_it(runs, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
+@pytest.mark.optional
+def test_a_swap_cut_short_puts_the_previous_export_back(runs, tmp_path, monkeypatch):
+    pytest.importorskip("transformers", reason="transformers not installed: export tests skipped")
+    out = hf_export(runs["bfloat16"], tmp_path)
+    before, real, raised = tree(out), os.replace, []
+
+    def replace(src, dst):  # Ctrl-C once the previous export is moved aside, before the new one takes its place
+        if dst == os.path.abspath(out) and not raised:
+            raised.append(src)
+            raise KeyboardInterrupt
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf.main(["--ckpt", ckpt_of(runs["float32"]), "--out_dir", out, "--overwrite"])
+    monkeypatch.undo()
+    assert raised and tree(out) == before and sorted(os.listdir(tmp_path)) == ["hf"]
+
+
 def tree(root):
     """Every file and dir under root -> its bytes (None for a dir)."""
     out = {}
