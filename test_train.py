@@ -508,6 +508,15 @@ def interrupt_at(cmd, out, step, signum):
     return p.returncode, stdout, stderr
 
 
+def test_a_log_resumed_twice_at_one_step_keeps_one_start():
+    """A run resumed at step 10 keeps what was logged up to step 10, less the start and resume records of an earlier
+    resume there, and a last line a kill cut short."""
+    import checkpoint
+    records = [("start", 0), ("train", 10), ("eval", 10), ("start", 10), ("resume", 10), ("train", 20)]
+    lines = [json.dumps(dict(event=e, step=s)) + "\n" for e, s in records] + ['{"event": "train", "st']
+    assert [line for line in lines if checkpoint.kept(line, 10)] == lines[:3]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_and_the_resume_is_exact(byte_data, tmp_path, signum):
@@ -518,7 +527,8 @@ def test_a_signal_saves_and_the_resume_is_exact(byte_data, tmp_path, signum):
     assert whole.returncode == 0, whole.stderr
     out = str(tmp_path / "stopped")
     argv = tiny_args(byte_data, out, **args)
-    code, stdout, stderr = interrupt_at([sys.executable, "train.py", *argv], out, 13, signum)
+    overwrite = ["--overwrite=True"] * (signum == signal.SIGTERM)  # which the command to resume leaves out
+    code, stdout, stderr = interrupt_at([sys.executable, "train.py", *argv, *overwrite], out, 13, signum)
     assert code == 128 + signum and "Traceback" not in stderr, stderr
     step = load_ckpt(out)["step"]
     assert 13 <= step < 60
