@@ -274,7 +274,10 @@ def main(argv=None):
         source = {"hub": "allenai/c4", "files": c4_files(args.train_shards, args.val_shards)}
         files = {s: map(hub_file, fs) for s, fs in source["files"].items()}  # each downloaded when it is read
     chunks = {s: (c for f in fs for c in read_chunks(f)) for s, fs in files.items()}
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, a parent that is a file, no permission
+        raise DataError(f"cannot use --out_dir {args.out_dir}: {e.strerror}; pass another --out_dir") from None
     meta = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "tokenizer_vocab_size": enc.n_vocab,
             "eot_id": enc.eot_token, "source": source, "dtype": token_dtype(enc.n_vocab).name,
             "shard_tokens": args.shard_tokens, "splits": {}}

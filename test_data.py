@@ -497,7 +497,10 @@ def test_every_error_exits_1_in_one_line_usage_errors_too(c4_source, byte_data, 
         ([], "the following arguments are required: --out_dir; see python prepare_c4.py --help"),
         (["--out_dir", str(byte_data)], f"--out_dir {byte_data} holds a prepared dataset; pass --overwrite to replace "
                                         "it (runs trained on it then refuse to resume on it), or another --out_dir"),
-        (["--out_dir", str(tmp_path / "file" / "o")], f"[Errno 20] Not a directory: '{tmp_path / 'file' / 'o'}'"),
+        (["--out_dir", str(tmp_path / "file" / "o")], f"cannot use --out_dir {tmp_path / 'file' / 'o'}: Not a "
+                                                     "directory; pass another --out_dir"),
+        (["--out_dir", str(tmp_path / "file")], f"cannot use --out_dir {tmp_path / 'file'}: File exists; pass another "
+                                                "--out_dir"),
     ]:
         r = subprocess.run([sys.executable, "prepare_c4.py", "--data_dir", str(c4_source), "--tokenizer", "byte",
                             *args], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
