@@ -186,6 +186,25 @@ def test_an_out_dir_compare_did_not_write_is_refused_and_its_own_is_run_over_aga
     assert set(os.listdir(tmp_path / "cmp")) - {"compare.png"} == {".written_by", "results.md"}  # the plot: matplotlib's
 
 
+def test_runs_already_there_are_refused_before_any_starts_unless_resumed_or_overwritten(byte_data, tmp_path,
+                                                                                         monkeypatch):
+    ran = []
+    monkeypatch.setattr(compare, "run_one", lambda args, o, lr, seed: ran.append(o) or fake_log(2.0, 100.0))
+    out = tmp_path / "cmp"
+    argv = [os.path.join(HERE, "configs", "tiny.py"), "--optimizers", "scale,adamw", "--out_dir", str(out), "--",
+            *tiny_args(byte_data)]
+    compare.main(argv)
+    (out / "adamw").mkdir()
+    (out / "adamw" / "log.jsonl").write_text("{}\n")  # the second run's, from before
+    with pytest.raises(ValueError) as e:
+        compare.main(argv)
+    assert str(e.value) == (f"{out}/adamw holds a run already; pass -- --resume=True to continue the runs, or "
+                            "-- --overwrite=True to start them over")
+    assert ran == ["scale", "adamw"]  # none started
+    compare.main([*argv, "--resume=True"])
+    assert ran == ["scale", "adamw"] * 2
+
+
 def test_precision_refuses_an_out_dir_it_did_not_write_and_reuses_its_own(tmp_path, monkeypatch):
     from tools import precision
     monkeypatch.setattr(precision, "run", lambda *a: dict(log=fake_log(2.0, 100.0), unchanged=0.5, gains_moved=0.0))

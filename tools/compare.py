@@ -129,7 +129,11 @@ def check_runs(args, lrs):
                          f"does not run; give an lr for one of {', '.join(args.optimizers)}")
     for optimizer in args.optimizers:
         for seed in args.seeds or [None]:
-            train.check_inputs(load_config(run_args(args, optimizer, lrs.get(optimizer), seed)[0]))
+            cfg = load_config(run_args(args, optimizer, lrs.get(optimizer), seed)[0])
+            train.check_inputs(cfg)
+            if not (cfg.resume or cfg.overwrite) and os.path.exists(os.path.join(cfg.out_dir, "log.jsonl")):
+                raise ValueError(f"{cfg.out_dir} holds a run already; pass -- --resume=True to continue the runs, or "
+                                 "-- --overwrite=True to start them over")
 
 
 def claim_out_dir(path, tool):
