@@ -3,6 +3,7 @@ import contextlib
 import gc
 import io
 import math
+import os
 import warnings
 from types import SimpleNamespace
 from unittest import mock
@@ -691,3 +692,13 @@ def test_fsdp_shards_the_embedding_by_columns_that_the_ranks_divide(monkeypatch)
     assert str(e.value) == ("fsdp=True shards the embedding by its 8 columns (dim), which 3 ranks do not divide; use a "
                             "dim divisible by the number of ranks")
     assert not any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def test_the_readmes_rule_is_scale_pys_code():
+    """README's "What SCALE is" quotes normalized_update_'s lines (with comments added): they must stay scale.py's."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    readme, source = (open(os.path.join(here, name)).read() for name in ("README.md", "scale.py"))
+    quoted = readme.split("comments added):\n\n```python\n")[1].split("```")[0].splitlines()
+    assert len(quoted) == 4
+    for line in quoted:
+        assert line.split("  # ")[0].strip() + "\n" in source, line
