@@ -31,7 +31,7 @@ def save_checkpoint(out_dir, model, optimizers, step, cfg, batches, master):
     weights = get_model_state_dict(model, options=full)
     # an optimizer without state tensors (SGD without momentum) is saved as it is: torch.distributed.checkpoint
     # needs a tensor to place the state on
-    states = [get_optimizer_state_dict(model, opt, options=full) if has_tensors(opt.state) else opt.state_dict()
+    states = [get_optimizer_state_dict(model, opt, options=full) if state_tensors([opt.state]) else opt.state_dict()
               for opt in optimizers]
     if master:
         name, keys, *rest = np.random.get_state()
@@ -101,7 +101,7 @@ def load_checkpoint(ckpt, path, model, optimizers):
     try:
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-            if has_tensors(state["state"]):
+            if state_tensors([state["state"]]):
                 init_state(opt)
                 set_optimizer_state_dict(model, opt, state, options=full)
             else:
@@ -121,9 +121,9 @@ def load_checkpoint(ckpt, path, model, optimizers):
     random.setstate(rng["python"])
 
 
-def has_tensors(state):
-    """Whether an optimizer's state ({param: {name: value}}) holds a tensor of 1+ dims."""
-    return any(torch.is_tensor(v) and v.ndim > 0 for s in state.values() for v in s.values())
+def state_tensors(states):
+    """The tensors of optimizer states ({param: {name: value}} each): momentum buffers, moments; 0-D counters aside."""
+    return [v for state in states for s in state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
 
 
 def init_state(opt):
@@ -192,9 +192,10 @@ class Log:
         if cfg.wandb_project:
             try:
                 import wandb
-                self.wandb = wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.out_dir), config=vars(cfg))
             except ImportError:
                 print("wandb_project is set but wandb is not installed (pip install wandb): logging to log.jsonl only")
+            else:
+                self.wandb = wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.out_dir), config=vars(cfg))
 
     def __call__(self, text, **record):
         if self.master:

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (CKPT, Log, check_resume, claim_out_dir, git_commit, latest_checkpoint, load_checkpoint,
-                        read_checkpoint, save_checkpoint)
+                        read_checkpoint, save_checkpoint, state_tensors)
 from config import help_text, load_config
 from data import TrainBatches, val_batches
 from model import LLaMA, LLaMAConfig, peak_flops
@@ -210,13 +210,8 @@ def diverged(what, step, saved, ckpt_path):
     return FloatingPointError(f"{what} at step {step}: training diverged, stopped; {kept}. Lower lr or set grad_clip")
 
 
-def state_tensors(optimizers):
-    """The state tensors of any torch optimizers (momentum buffers, moments), 0-D step counters aside."""
-    return [t for opt in optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
-
-
 def state_bytes(optimizers):
-    return sum(t.numel() * t.element_size() for t in state_tensors(optimizers))
+    return sum(t.numel() * t.element_size() for t in state_tensors(opt.state for opt in optimizers))
 
 
 def most_on_a_rank(value, world_size, device, op=dist.ReduceOp.MAX):
@@ -382,9 +377,9 @@ def train(cfg):
                 opt.step()
             done = step + 1  # optimizer steps taken
             if step == start_step:  # the optimizer state exists now, and the grads still do
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                grads, state = [p.grad for p in model.parameters() if p.grad is not None], [o.state for o in optimizers]
                 memory = {f"rank_{name}_bytes": bytes_held(tensors, world_size, device) for name, tensors in (
-                    ("param", model.parameters()), ("grad", grads), ("state", state_tensors(optimizers)))}
+                    ("param", model.parameters()), ("grad", grads), ("state", state_tensors(state)))}
                 who = "" if world_size == 1 else f" (the most any of the {world_size} ranks holds)"
                 log(f"memory{who}: params {memory['rank_param_bytes']:,}, grads {memory['rank_grad_bytes']:,}, "
                     f"optimizer state {memory['rank_state_bytes']:,} bytes (AdamW's: "
