@@ -6,7 +6,6 @@ import difflib
 import math
 import traceback
 import types
-from types import SimpleNamespace
 
 # key: (default, allowed values, meaning). Allowed values: a range ("> 0", ">= 0", or an interval such as
 # "[0, 1)", brackets inclusive), a tuple of choices, or None (any value of the default's type).
@@ -53,7 +52,6 @@ KEYS = {
     "overwrite": (False, None, "start over in an out_dir that holds another run, deleting its checkpoints and log"),
 }
 DEFAULTS = {key: default for key, (default, _, _) in KEYS.items()}
-MOMENTUM_ROLES = ("output", "matrix", "embedding")
 
 
 def load_config(argv):
@@ -65,20 +63,20 @@ def load_config(argv):
             key, eq, text = arg[2:].partition("=")
             if not eq:
                 raise ValueError(f"options are written --key=value, got {arg!r}")
-            set_key(cfg, key, parse_value(key, text), arg)
+            try:  # as given for string keys, else a Python literal (1e-3, 512, True)
+                value = text if isinstance(DEFAULTS.get(key), str) else ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # set_key reports the wrong type
+            set_key(cfg, key, value, arg)
         else:
             for key, (value, line) in read_config_file(arg).items():
                 set_key(cfg, key, value, f"{arg} line {line}")
-    roles = cfg["momentum_roles"].split(",")
-    if not set(roles) <= set(MOMENTUM_ROLES) or "" in roles:
-        raise ValueError(f"momentum_roles must be comma-separated roles from {','.join(MOMENTUM_ROLES)}, "
-                         f"got {cfg['momentum_roles']!r}")
     if cfg["fsdp"] and cfg["optimizer"] == "muon":
         raise ValueError("fsdp=True does not run optimizer=muon: torch.optim.Muon's Newton-Schulz iteration needs "
                          "whole matrices, and on FSDP's row shards its updates are wrong; use fsdp=False (DDP)")
     if cfg["resume"] and cfg["overwrite"]:
         raise ValueError("resume=True continues the run in out_dir and overwrite=True deletes it: set one of them")
-    return SimpleNamespace(**cfg)
+    return types.SimpleNamespace(**cfg)
 
 
 def read_config_file(path):
@@ -102,14 +100,6 @@ def read_config_file(path):
              for target in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(target, ast.Name)}
     return {key: (value, lines.get(key, "?")) for key, value in namespace.items()
             if not key.startswith("_") and not isinstance(value, types.ModuleType) and not callable(value)}
-
-
-def parse_value(key, text):
-    """A command-line value: as given for string keys, else a Python literal (1e-3, 512, True)."""
-    try:
-        return text if isinstance(DEFAULTS.get(key), str) else ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # set_key reports the wrong type
 
 
 def set_key(cfg, key, value, source):

@@ -77,9 +77,6 @@ def test_config_file_may_import_and_compute(tmp_path):
     (["--lr=-1"], "lr must be >= 0, got -1.0 in --lr=-1"),
     (["--lr=1e999"], "lr must be >= 0, got inf in --lr=1e999"),
     (["--seed=-1"], "seed must be in [0, 4294967295], got -1 in --seed=-1"),
-    (["--momentum_roles=output,lm_head"], "momentum_roles must be comma-separated roles from output,matrix,embedding, "
-                                          "got 'output,lm_head'"),
-    (["--momentum_roles="], "momentum_roles must be comma-separated roles from output,matrix,embedding, got ''"),
     (["--lr", "1e-3"], "options are written --key=value, got '--lr'"),
     (["no/such/config.py"], "cannot read config file no/such/config.py: No such file or directory"),
     (["--fsdp=True", "--optimizer=muon"], "fsdp=True does not run optimizer=muon: torch.optim.Muon's Newton-Schulz "
