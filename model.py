@@ -37,10 +37,7 @@ class LLaMAConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
 
-    def __post_init__(self):
-        for name in ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    def __post_init__(self):  # config.py checks that each is positive
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}); change dim or n_heads")
         if (self.dim // self.n_heads) % 2:
@@ -52,10 +49,6 @@ class LLaMAConfig:
         """The model of a run config (a mapping with the SHAPE keys and seq_len, e.g. vars(config.load_config(...)))
         with this vocabulary; its rotary tables cover seq_len positions."""
         return cls(**{key: cfg[key] for key in SHAPE}, vocab_size=vocab_size, max_seq_len=cfg["seq_len"])
-
-    @property
-    def head_dim(self):
-        return self.dim // self.n_heads
 
 
 class RMSNorm(nn.Module):
@@ -90,7 +83,7 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
         self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -169,7 +162,7 @@ class LLaMA(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_cos_sin(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         # not saved in checkpoints (a function of the config); cast to the activation dtype at use,
         # so a bf16 copy of the table gives exactly what HF's fp32-computed-then-cast tables give
         self.register_buffer("rope_cos", cos, persistent=False)

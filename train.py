@@ -241,20 +241,6 @@ def check_inputs(cfg, rank=0, world_size=1):
     return batches, LLaMAConfig.from_config(vars(cfg), batches.vocab_size)
 
 
-def resume_message(path, step, changed, cfg):
-    """The line a resumed run prints: where it continues, and what the command line changed."""
-    text = f"resuming from {path} at step {step}"
-    if changed:
-        text += "; changed since the checkpoint: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-    schedule = ("lr", "warmup_steps", "max_steps", "min_lr_ratio")
-    if any(k in changed for k in schedule):
-        lr, *now = (getattr(cfg, k) for k in schedule)
-        lr_then, *then = (changed[k][0] if k in changed else getattr(cfg, k) for k in schedule)
-        lr_now, lr_then = lr * lr_factor(step, *now), lr_then * lr_factor(step, *then)
-        text += f" (the lr schedule is recomputed: step {step + 1} runs at lr {lr_now:.3g}, was {lr_then:.3g})"
-    return text
-
-
 class StopSignals:
     """SIGINT and SIGTERM (Ctrl-C; a cluster's preemption) ask the loop to stop at the next step where the ranks agree,
     save and exit 128 + the signal. A second signal 1 s or more later exits at once (sooner, it is the same
@@ -315,8 +301,9 @@ def train(cfg):
             del ckpt
         log = Log(cfg, master, start_step if resumed else None)
         if resumed:
-            log(resume_message(resume_path, start_step, changed, cfg), event="resume", step=start_step,
-                changed={k: list(v) for k, v in changed.items()})
+            changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "nothing"
+            log(f"resuming from {resume_path} at step {start_step}; changed since the checkpoint: {changes}",
+                event="resume", step=start_step, changed={k: list(v) for k, v in changed.items()})
         elif cfg.resume:
             log(f"resume=True but there is no {ckpt_path} yet: starting from scratch")
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # of the whole model
