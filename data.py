@@ -5,12 +5,10 @@ tokens as uint16 (vocab <= 65536) or uint32. prepare_c4.py writes a data dir of 
 val_000000.bin, ... and meta.json.
 """
 import bisect
-import collections
 import functools
 import itertools
 import json
 import os
-import resource
 
 import numpy as np
 
@@ -159,22 +157,11 @@ def check_same_data(saved, data_dir, ckpt_path):
                         "use that data: prepare_c4.py with the same arguments makes it again")
 
 
-def raise_open_file_limit(want):
-    """Raise the soft open-file limit towards want, as far as the hard limit allows -> the soft limit now."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return soft
-
-
 class Windows:
     """Window i of a split is stream[i*seq_len : i*seq_len + seq_len + 1], its shards read end to end as one stream.
-    Shards are read with os.preadv, at most a quarter of the open-file limit (first raised to 4 per shard if it can
-    be) of them open, the least recently used closed first: any number of shards fits the limit."""
+    Each read opens its shard and closes it again, so any number of shards fits the open-file limit."""
 
     def __init__(self, data_dir, meta, split, seq_len):
-        self.fds = collections.OrderedDict()  # shard index -> open file descriptor, least recently used first
         self.redo = f"re-run {prepare_command(data_dir, whole=False)}"
         info = meta["splits"][split]
         if not info["shards"]:
@@ -190,24 +177,6 @@ class Windows:
         if self.count == 0:
             raise DataError(f"the {split} split of {data_dir} has {self.n_tokens} tokens, fewer than one window of "
                             f"seq_len+1 = {seq_len + 1}; prepare more data or lower seq_len")
-        soft = raise_open_file_limit(4 * len(self.paths))
-        self.max_open = len(self.paths) if soft == resource.RLIM_INFINITY else max(soft // 4, 1)
-
-    def __del__(self):
-        for fd in self.fds.values():
-            os.close(fd)
-
-    def fd(self, s):
-        fd = self.fds.pop(s, None)
-        if fd is None:
-            if len(self.fds) >= self.max_open:
-                os.close(self.fds.popitem(last=False)[1])
-            try:
-                fd = os.open(self.paths[s], os.O_RDONLY)
-            except OSError as e:
-                raise DataError(f"cannot read shard {self.paths[s]}: {e.strerror}; {self.redo}") from None
-        self.fds[s] = fd
-        return fd
 
     def read(self, pos, out):
         """Fill out (a 1-D array of the shards' dtype) with the stream's tokens from position pos on."""
@@ -215,8 +184,12 @@ class Windows:
         while done < len(out):
             n = min(len(out) - done, self.start[s + 1] - pos - done)  # tokens to take from shard s
             offset = HEADER_BYTES + (pos + done - self.start[s]) * self.dtype.itemsize
-            if os.preadv(self.fd(s), [out[done:done + n]], offset) != n * self.dtype.itemsize:
-                raise DataError(f"shard {self.paths[s]} is shorter than its header says; {self.redo}")
+            try:
+                with open(self.paths[s], "rb", buffering=0) as f:
+                    if os.preadv(f.fileno(), [out[done:done + n]], offset) != n * self.dtype.itemsize:
+                        raise DataError(f"shard {self.paths[s]} is shorter than its header says; {self.redo}")
+            except OSError as e:
+                raise DataError(f"cannot read shard {self.paths[s]}: {e.strerror}; {self.redo}") from None
             s, done = s + 1, done + n
 
     def batch(self, indices):
