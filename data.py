@@ -77,12 +77,9 @@ def read_header(path, dtype=None):
     if len(raw) < HEADER_BYTES:
         raise DataError(f"shard {path} is truncated ({size} bytes, no full header); {redo}")
     magic, version, itemsize, n = np.frombuffer(raw, dtype="<i8").tolist()
-    if magic != MAGIC:
-        raise DataError(f"{path} is not a token shard (bad magic number); {redo}")
-    if version != VERSION:
-        raise DataError(f"shard {path} has format version {version}, this code reads {VERSION}; {redo}")
-    if itemsize not in DTYPES:
-        raise DataError(f"shard {path} has unknown token size {itemsize} bytes; {redo}")
+    if magic != MAGIC or version != VERSION or itemsize not in DTYPES:
+        raise DataError(f"{path} is not a token shard of format version {VERSION} (magic, version or token size "
+                        f"differ); {redo}")
     if size != HEADER_BYTES + n * itemsize:
         raise DataError(f"shard {path} is truncated or corrupt: {size} bytes, header says "
                         f"{HEADER_BYTES + n * itemsize}; {redo}")
