@@ -10,6 +10,7 @@ Exit status: 0 done; 1 any error, bad arguments too (one line on stderr, as trai
 import argparse
 import collections
 import contextlib
+import fcntl
 import functools
 import glob
 import gzip
@@ -19,9 +20,7 @@ import math
 import multiprocessing.connection
 import os
 import re
-import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ from data import BUNDLED, DataError, bundled_source, token_dtype, write_meta, wr
 
 C4_FILES = {"train": "en/c4-train.{:05d}-of-01024.json.gz", "val": "en/c4-validation.{:05d}-of-00008.json.gz"}
 SHARD = r"(train|val)_\d{6}\.bin(\.new(\.tmp)?)?"  # a shard, staged (.new) or being written (.new.tmp)
-OURS = re.compile(rf"meta\.json(\.tmp)?|{SHARD}")  # every name prepare_c4.py writes in --out_dir
+OURS = re.compile(rf"\.lock|meta\.json(\.tmp)?|{SHARD}")  # every name prepare_c4.py (and prepare_once) writes
 VAL_WORDS = {"val", "valid", "validation"}  # a source file with one of these words in its path is validation data
 CHUNK_DOCS = 512  # documents per work item; fixed, so the output does not depend on --workers
 PROGRESS_S = 10  # seconds between progress lines when stderr is not a terminal (a log file)
@@ -258,8 +257,8 @@ def main(argv=None):
     names = os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else []
     foreign = [name for name in sorted(names) if not OURS.fullmatch(name)]
     if foreign:
-        raise DataError(f"--out_dir {args.out_dir} holds {foreign[0]}, which prepare_c4.py does not write; pass "
-                        "another --out_dir")
+        raise DataError(f"{args.out_dir} holds {foreign[0]}, which prepare_c4.py does not write, so it is not a "
+                        "dataset; move it away or use another dir")
     if "meta.json" in names and not args.overwrite:
         raise DataError(f"--out_dir {args.out_dir} holds a prepared dataset; pass --overwrite to replace it (runs "
                         "trained on it then refuse to resume on it), or another --out_dir")
@@ -332,61 +331,28 @@ def install(out_dir, meta):
 
 def prepare_once(out_dir, source):
     """Prepare source (as --data_dir reads it) into out_dir with the byte tokenizer unless it holds meta.json ->
-    whether this call did. Each run prepares into its own out_dir.tmp-<pid>-<host> and renames it to out_dir: the
-    first rename wins (all are the same), and a later run on the host removes the temp dirs of dead ones."""
+    whether this call did. Runs at once take turns holding out_dir/.lock: the first prepares, the others wait."""
     meta = os.path.join(out_dir, "meta.json")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(meta):
-        raise DataError(not_a_dataset(out_dir, source))
-    if os.path.exists(meta):
+    if os.path.exists(meta):  # written last: prepared
         return False
     if not glob.has_magic(source) and not os.path.exists(source):
         raise DataError(f"data source {source} does not exist in {os.getcwd()}; run from the directory it is "
                         "relative to or give its absolute path")
     files = find_sources(source, None, None)
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_tmp_dirs(parent, name)
-    tmp = os.path.join(parent, f"{name}.tmp-{os.getpid()}-{socket.gethostname()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a dead process that had our pid
-    seconds = max(1, round(sum(os.path.getsize(f) for fs in files.values() for f in fs) / 3e6))  # ~3 MB/s of input
-    shown = os.path.relpath(source, os.path.dirname(os.path.abspath(__file__)))
-    shown = source if shown.startswith("..") else shown  # the bundled ones: relative to the repository
-    print(f"preparing {out_dir} from {shown} with the byte tokenizer (first run, ~{seconds} s)", flush=True)
     try:
-        main(["--out_dir", tmp, "--data_dir", source, "--tokenizer", "byte", "--workers", "1"])
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        os.rename(tmp, out_dir)  # fails if out_dir is there and not empty
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.exists(meta):
-            raise DataError(not_a_dataset(out_dir, source)) from None
-        return False  # another run's rename came first
-    return True
-
-
-def not_a_dataset(out_dir, source):
-    return (f"{out_dir} exists but has no meta.json, so it is not a prepared dataset; remove it to have it prepared "
-            f"from {source}")
-
-
-def remove_stale_tmp_dirs(parent, name):
-    prefix, host = f"{name}.tmp-", socket.gethostname()
-    for entry in os.listdir(parent) if os.name == "posix" else []:  # os.kill(pid, 0) checks a pid on POSIX only
-        pid, _, entry_host = entry.removeprefix(prefix).partition("-")
-        if entry.startswith(prefix) and pid.isdigit() and entry_host == host and not process_alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)  # sends nothing: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        pass
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "a")
+    except OSError as e:  # a file of that name, a parent that is a file, no permission
+        raise DataError(f"cannot use {out_dir}: {e.strerror}; use another data dir") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # until the run preparing it (if any) is done
+        if os.path.exists(meta):
+            return False
+        seconds = max(1, round(sum(os.path.getsize(f) for fs in files.values() for f in fs) / 3e6))  # ~3 MB/s
+        shown = os.path.relpath(source, os.path.dirname(os.path.abspath(__file__)))
+        shown = source if shown.startswith("..") else shown  # the bundled ones: relative to the repository
+        print(f"preparing {out_dir} from {shown} with the byte tokenizer (first run, ~{seconds} s)", flush=True)
+        main(["--out_dir", out_dir, "--data_dir", source, "--tokenizer", "byte", "--workers", "1"])
     return True
 
 

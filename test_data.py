@@ -254,8 +254,8 @@ def test_an_out_dir_holding_what_prepare_c4_did_not_write_is_refused(c4_source, 
     for extra in ((), ("--overwrite",)):
         with pytest.raises(DataError) as e:
             prepare(out, c4_source, "--workers", "1", *extra)
-        assert str(e.value) == (f"--out_dir {out} holds {name}, which prepare_c4.py does not write; pass "
-                                "another --out_dir")
+        assert str(e.value) == (f"{out} holds {name}, which prepare_c4.py does not write, so it is not a dataset; "
+                                "move it away or use another dir")
         assert dir_bytes(out) == before
 
 

@@ -1,6 +1,7 @@
 """Tests for the first run on the bundled sample: assets/kjv is the King James Bible by chapter, and
 configs/tiny.py reads data/kjv_byte, which train.py prepares from it on first use (prepare_c4.prepare_once), once,
 safely for runs at once and killed runs. CPU, offline."""
+import fcntl
 import gzip
 import hashlib
 import json
@@ -8,9 +9,9 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -44,6 +45,11 @@ def split_tokens(data_dir, split):
 
 def dir_bytes(path):
     return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+
+
+def prepared_once(reference):
+    """What prepare_once leaves: prepare_c4.py's files and the (empty) .lock that runs take turns on."""
+    return {**dir_bytes(reference), ".lock": b""}
 
 
 def tiny(*args):
@@ -98,8 +104,8 @@ def test_first_run_from_a_clean_copy_prepares_then_trains_and_a_second_run_reuse
     assert first.returncode == 0, first.stderr
     assert "preparing data/kjv_byte from assets/kjv with the byte tokenizer (first run, ~1 s)\n" in first.stdout
     data = repo / "data" / "kjv_byte"
-    assert os.listdir(repo / "data") == ["kjv_byte"]  # no temp dir left
-    assert sorted(os.listdir(data)) == ["meta.json", "train_000000.bin", "val_000000.bin"]
+    assert os.listdir(repo / "data") == ["kjv_byte"]
+    assert sorted(os.listdir(data)) == [".lock", "meta.json", "train_000000.bin", "val_000000.bin"]
     assert (load_meta(data)["tokenizer"], load_meta(data)["vocab_size"]) == ("byte", 257)
     for split in ("train", "val"):
         np.testing.assert_array_equal(split_tokens(data, split), byte_tokens(documents(split)))
@@ -118,54 +124,48 @@ def test_two_first_runs_at_once_both_train_on_what_prepare_c4_writes(tmp_path, k
     data = tmp_path / "kjv_byte"
     procs = [subprocess.Popen(tiny(f"--data_dir={data}", f"--out_dir={tmp_path / f'out{i}'}"), cwd=HERE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
         assert FINAL_EVAL.search(out)
-    assert sorted(os.listdir(tmp_path)) == ["kjv_byte", "out0", "out1"]  # no temp dir left
-    assert dir_bytes(data) == dir_bytes(kjv_reference)
+        outs.append(out)
+    assert sum("preparing" in out for out in outs) == 1  # the other waited for it, or came after
+    assert sorted(os.listdir(tmp_path)) == ["kjv_byte", "out0", "out1"]
+    assert dir_bytes(data) == prepared_once(kjv_reference)
 
 
-def test_a_run_that_loses_the_race_discards_its_own_and_keeps_the_winners(tmp_path, monkeypatch, kjv_reference):
-    out, real_main = tmp_path / "kjv_byte", prepare_c4.main
-
-    def main_then_another_run_wins(argv):
-        meta = real_main(argv)
-        shutil.copytree(kjv_reference, out)  # another run's rename lands first
-        return meta
-
-    monkeypatch.setattr(prepare_c4, "main", main_then_another_run_wins)
-    assert prepare_c4.prepare_once(str(out), KJV) is False
-    assert os.listdir(tmp_path) == ["kjv_byte"]
-    assert dir_bytes(out) == dir_bytes(kjv_reference)
-    monkeypatch.undo()
+def test_prepare_once_waits_while_another_run_prepares_and_then_finds_its_data(tmp_path, kjv_reference):
+    out, returned = tmp_path / "kjv_byte", []
+    out.mkdir()
+    with open(out / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run, preparing
+        waiter = threading.Thread(target=lambda: returned.append(prepare_c4.prepare_once(str(out), KJV)))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and returned == []
+        shutil.copytree(kjv_reference, out, dirs_exist_ok=True)  # what that run prepared
+    waiter.join(60)
+    assert returned == [False] and dir_bytes(out) == prepared_once(kjv_reference)
     assert prepare_c4.prepare_once(str(out), KJV) is False  # prepared already: nothing to do
     assert prepare_c4.prepare_once(str(tmp_path / "new"), KJV) is True
-    assert dir_bytes(tmp_path / "new") == dir_bytes(kjv_reference)
+    assert dir_bytes(tmp_path / "new") == prepared_once(kjv_reference)
 
 
-def test_a_dir_that_is_not_a_dataset_is_an_error_and_left_alone(tmp_path, monkeypatch):
-    out, real_main = tmp_path / "kjv_byte", prepare_c4.main
-    expected = (f"{out} exists but has no meta.json, so it is not a prepared dataset; remove it to have it prepared "
-                f"from {KJV}")
+def test_a_dir_that_is_not_a_dataset_is_an_error_and_left_alone(tmp_path):
+    out = tmp_path / "kjv_byte"
     out.mkdir()
-    (out / "train_000000.bin.new").write_bytes(b"someone's")
+    (out / "notes.txt").write_text("mine")
     with pytest.raises(DataError) as e:
         prepare_c4.prepare_once(str(out), KJV)
-    assert str(e.value) == expected
-    os.remove(out / "train_000000.bin.new")
-
-    def main_then_something_else_appears(argv):
-        meta = real_main(argv)
-        (out / "notes.txt").write_text("mine")  # not a dataset: the rename fails and there is no meta.json
-        return meta
-
-    monkeypatch.setattr(prepare_c4, "main", main_then_something_else_appears)
+    assert str(e.value) == (f"{out} holds notes.txt, which prepare_c4.py does not write, so it is not a dataset; move "
+                            "it away or use another dir")
+    assert dir_bytes(out) == {".lock": b"", "notes.txt": b"mine"}  # only the lock added
+    (tmp_path / "file").write_text("mine")
     with pytest.raises(DataError) as e:
-        prepare_c4.prepare_once(str(out), KJV)
-    assert str(e.value) == expected
-    assert os.listdir(tmp_path) == ["kjv_byte"] and os.listdir(out) == ["notes.txt"]
-    assert (out / "notes.txt").read_text() == "mine"
+        prepare_c4.prepare_once(str(tmp_path / "file"), KJV)
+    assert str(e.value) == f"cannot use {tmp_path / 'file'}: File exists; use another data dir"
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 @pytest.mark.parametrize("name", ["mine", "kjv_bytes", "kjv"])
@@ -182,24 +182,6 @@ def test_only_the_bundled_names_have_a_source():
     assert prepare_c4.bundled_source("data/c4") is None and prepare_c4.bundled_source("kjv") is None
 
 
-@pytest.mark.skipif(os.name != "posix", reason="temp dirs are cleaned by pid on POSIX only")
-def test_only_temp_dirs_of_dead_processes_on_this_host_are_removed(tmp_path):
-    host = socket.gethostname()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    names = {"dead": f"kjv_byte.tmp-{dead.pid}-{host}", "live": f"kjv_byte.tmp-{live.pid}-{host}",
-             "other host": f"kjv_byte.tmp-{dead.pid}-not-{host}", "other dir": f"c4_byte.tmp-{dead.pid}-{host}"}
-    try:
-        for name in names.values():
-            (tmp_path / name).mkdir()
-        assert prepare_c4.prepare_once(str(tmp_path / "kjv_byte"), KJV) is True
-    finally:
-        live.kill()
-        live.wait()
-    assert sorted(os.listdir(tmp_path)) == sorted(["kjv_byte", names["live"], names["other host"], names["other dir"]])
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe (POSIX)")
 def test_a_first_run_killed_while_preparing_leaves_no_dataset_and_the_next_run_prepares_it(tmp_path):
@@ -214,7 +196,7 @@ def test_a_first_run_killed_while_preparing_leaves_no_dataset_and_the_next_run_p
                "train.main(sys.argv[2:])", str(source)] + tiny()[2:]
     args = [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"]
     proc = subprocess.Popen(patched + args, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staged = data.parent / f"kjv_byte.tmp-{proc.pid}-{socket.gethostname()}" / "train_000000.bin.new"
+    staged = data / "train_000000.bin.new"
     try:
         deadline = time.time() + 120
         while not staged.exists():
@@ -223,13 +205,15 @@ def test_a_first_run_killed_while_preparing_leaves_no_dataset_and_the_next_run_p
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert os.listdir(data.parent) == [staged.parent.name]  # no data_dir, so nothing that looks like a dataset
+    with pytest.raises(DataError, match="meta.json is missing"):  # nothing that looks like a dataset
+        load_meta(data)
+    (data / "val_000003.bin.new").write_bytes(b"staged")  # as a killed run with more data would leave
 
     os.remove(source / "kjv_val.json.gz")
     os.symlink(os.path.join(KJV, FILES["val"]), source / "kjv_val.json.gz")
     rerun = subprocess.run(patched + args, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"preparing {data} from {source}" in rerun.stdout
-    assert os.listdir(data.parent) == ["kjv_byte"]  # the killed run's temp dir is gone
+    assert sorted(os.listdir(data)) == [".lock", "meta.json", "train_000000.bin", "val_000000.bin"]  # nothing stale
     for split in ("train", "val"):
         np.testing.assert_array_equal(split_tokens(data, split), byte_tokens(documents(split)))
