@@ -37,7 +37,7 @@ SHARD = r"(train|val)_\d{6}\.bin(\.new(\.tmp)?)?"  # a shard, staged (.new) or b
 OURS = re.compile(rf"\.lock|meta\.json(\.tmp)?|{SHARD}")  # every name prepare_c4.py (and prepare_once) writes
 VAL_WORDS = {"val", "valid", "validation"}  # a source file with one of these words in its path is validation data
 CHUNK_DOCS = 512  # documents per work item; fixed, so the output does not depend on --workers
-PROGRESS_S = 10  # seconds between progress lines when stderr is not a terminal (a log file)
+PROGRESS_S = 10  # seconds between progress lines (and one at the end of each split)
 JSON = json.JSONDecoder(strict=False)  # allows raw control characters (a tab, a NUL) in strings, as scraped text has
 
 
@@ -150,33 +150,27 @@ def tokenize_split(split, chunks, pool, args):
         names.append(f"{split}_{len(names):06d}.bin")
         write_shard(os.path.join(args.out_dir, names[-1] + ".new"), tokens)
 
-    # progress: rewritten in place on a terminal; in a log file, a line every PROGRESS_S seconds and the last
-    tty, shown, last_shown = sys.stderr.isatty(), None, -math.inf
-    start, end = ("\r", "") if tty else ("", "\n")
+    shown, last_shown = None, -math.inf
 
     def show_progress():  # in one write, so that an interrupt cannot come between the line and its newline
         note = f" ({n_repaired:,} repaired: invalid UTF-8 or lone surrogates became U+FFFD)" if n_repaired else ""
-        print(f"{start}{split}: {n_docs:,} docs{note}, {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} "
-              f"tokens/s{end}", end="", file=sys.stderr, flush=True)
+        print(f"{split}: {n_docs:,} docs{note}, {n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} tokens/s\n",
+              end="", file=sys.stderr, flush=True)
 
     work = functools.partial(tokenize, args.tokenizer)
-    try:
-        for docs, repaired, tokens in pool_map(pool, work, chunks, 2 * args.workers) if pool else map(work, chunks):
-            n_docs, n_repaired, n_tokens = n_docs + docs, n_repaired + repaired, n_tokens + len(tokens)
-            max_id = max(max_id, int(tokens.max(initial=0)))
-            buf.append(tokens)
-            while sum(map(len, buf)) >= args.shard_tokens:
-                joined = np.concatenate(buf)
-                flush(joined[:args.shard_tokens])
-                buf = [joined[args.shard_tokens:]]
-            if tty or time.time() - last_shown >= PROGRESS_S:
-                show_progress()
-                shown, last_shown = n_docs, time.time()
-        if shown != n_docs:
+    for docs, repaired, tokens in pool_map(pool, work, chunks, 2 * args.workers) if pool else map(work, chunks):
+        n_docs, n_repaired, n_tokens = n_docs + docs, n_repaired + repaired, n_tokens + len(tokens)
+        max_id = max(max_id, int(tokens.max(initial=0)))
+        buf.append(tokens)
+        while sum(map(len, buf)) >= args.shard_tokens:
+            joined = np.concatenate(buf)
+            flush(joined[:args.shard_tokens])
+            buf = [joined[args.shard_tokens:]]
+        if time.time() - last_shown >= PROGRESS_S:
             show_progress()
-    finally:
-        if tty:
-            print(file=sys.stderr)
+            shown, last_shown = n_docs, time.time()
+    if shown != n_docs:
+        show_progress()
     if sum(map(len, buf)):
         flush(np.concatenate(buf))
     return {"shards": names, "tokens": n_tokens, "documents": n_docs, "repaired_documents": n_repaired,
