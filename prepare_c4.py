@@ -17,7 +17,6 @@ import gzip
 import itertools
 import json
 import math
-import multiprocessing.connection
 import os
 import re
 import signal
@@ -206,16 +205,13 @@ def exit_with_parent(parent):
 
 def dead_worker(pool):
     """The DataError for a pool broken by a worker's death: which worker, and how it died."""
-    procs = list(pool._processes.values())  # in start order
-    ready = multiprocessing.connection.wait([p.sentinel for p in procs], timeout=10)  # the dead one, any exited since
-    if not ready:  # broken with every worker alive: a result that could not be passed back
-        return DataError("the worker pool broke with every worker alive; the output dir is as it was: rerun with "
-                         "--workers 1")
-    for p in procs:
-        if p.sentinel in ready:
-            p.join()
-    k = next((k for k, p in enumerate(procs) if p.exitcode), [p.sentinel for p in procs].index(ready[0]))
-    code = procs[k].exitcode
+    procs, deadline = list(pool._processes.values()), time.time() + 10  # in start order
+    while not any(p.exitcode for p in procs):  # exitcode polls; the others may exit 0 once the pool breaks
+        if time.time() > deadline:  # broken with every worker alive: a result that could not be passed back
+            return DataError("the worker pool broke with every worker alive; the output dir is as it was: rerun with "
+                             "--workers 1")
+        time.sleep(0.01)
+    k, code = next((k, p.exitcode) for k, p in enumerate(procs) if p.exitcode)
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
     return DataError(f"worker process {k} died ({how}); the output dir is as it was: rerun, with fewer --workers if it "
                      "ran out of memory")
