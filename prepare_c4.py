@@ -4,11 +4,9 @@ python prepare_c4.py --out_dir data/c4_gpt2          # 1 train + 1 val file of a
 python prepare_c4.py --out_dir data/c4_byte --data_dir /path/to/c4 --tokenizer byte --train_shards 8
 
 Each document is <|endoftext|> + its tokens, cut into shards of --shard_tokens, the same bytes for any --workers.
-Invalid Unicode becomes U+FFFD, as in tiktoken's encode_ordinary, and is counted. Shards are staged as *.new, then
-put in place, meta.json last: a failed or interrupted run leaves the output dir as it was.
+Shards are staged as *.new, put in place, meta.json last: a failed or interrupted run leaves the output dir as it was.
 Exit status: 0 done; 1 any error, bad arguments too (one line on stderr, as train.py's); 130 interrupted."""
 import argparse
-import collections
 import contextlib
 import fcntl
 import functools
@@ -16,7 +14,6 @@ import glob
 import gzip
 import itertools
 import json
-import math
 import os
 import re
 import signal
@@ -42,8 +39,7 @@ JSON = json.JSONDecoder(strict=False)  # allows raw control characters (a tab, a
 
 @functools.lru_cache
 def get_encoding(name):
-    """The tiktoken Encoding "byte" (ids 0-255 the UTF-8 bytes, 256 <|endoftext|>) or one of tiktoken's (gpt2, ...,
-    downloaded once into its cache)."""
+    """The tiktoken Encoding "byte" (ids 0-255 the UTF-8 bytes, 256 <|endoftext|>) or one of tiktoken's (gpt2, ...)."""
     if name == "byte":
         return tiktoken.Encoding("byte", pat_str=r"[\s\S]+", special_tokens={"<|endoftext|>": 256},
                                  mergeable_ranks={bytes([i]): i for i in range(256)})
@@ -61,8 +57,7 @@ def c4_files(train_shards, val_shards):
 
 
 def find_sources(data_dir, train_shards, val_shards):
-    """-> {split: [json(.gz) file paths]}. In a plain directory or glob, the files with a VAL_WORDS word in their
-    path (below the dir all share) are val, the rest train; if none (or all) are, the last file by name is val."""
+    """-> {split: [paths]}; outside a C4 clone, the files with a VAL_WORDS word in their path are val, else the last."""
     if glob.glob(os.path.join(glob.escape(data_dir), "en", "c4-*.json.gz")):  # a local clone of allenai/c4
         files = {s: [os.path.join(data_dir, f) for f in fs] for s, fs in c4_files(train_shards, val_shards).items()}
         missing = [f for fs in files.values() for f in fs if not os.path.isfile(f)]
@@ -97,7 +92,6 @@ def read_chunks(path):
 
 
 def hub_file(name):
-    """A file of allenai/c4 (en/c4-train.00000-of-01024.json.gz, ...) -> its path in the Hugging Face cache."""
     import huggingface_hub  # only needed without --data_dir
     try:
         return huggingface_hub.hf_hub_download("allenai/c4", name, repo_type="dataset")
@@ -107,7 +101,6 @@ def hub_file(name):
 
 
 def parse_line(line):
-    """A json line (bytes) -> (its "text", whether invalid UTF-8 in it was replaced by U+FFFD)."""
     try:
         s, repaired = line.decode("utf-8"), False
     except UnicodeDecodeError:
@@ -116,17 +109,15 @@ def parse_line(line):
 
 
 def encode(enc, text):
-    """-> (encode_ordinary(text) as a uint32 array, whether text held lone surrogates, e.g. from a JSON escape
-    of half an emoji). Those become U+FFFD exactly as in encode_ordinary, which encode_to_numpy does not do."""
+    """-> (encode_ordinary(text) as a uint32 array, whether text held lone surrogates, which it makes U+FFFD)."""
     try:
         return enc.encode_to_numpy(text, disallowed_special=()), False
     except UnicodeEncodeError:
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # encode_ordinary's repair
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # as encode_ordinary does
         return enc.encode_to_numpy(text, disallowed_special=()), True
 
 
 def tokenize(tokenizer, chunk):
-    """One work item -> (number of docs, number of them repaired, tokens as np array)."""
     enc, (where, items) = get_encoding(tokenizer), chunk
     eot, parts, repaired = np.array([enc.eot_token], dtype=np.uint32), [np.empty(0, dtype=np.uint32)], 0
     for line_number, item in items:
@@ -149,7 +140,7 @@ def tokenize_split(split, chunks, pool, args):
         names.append(f"{split}_{len(names):06d}.bin")
         write_shard(os.path.join(args.out_dir, names[-1] + ".new"), tokens)
 
-    shown, last_shown = None, -math.inf
+    shown, last_shown = None, t0 - PROGRESS_S  # the first work item is shown
 
     def show_progress():  # in one write, so that an interrupt cannot come between the line and its newline
         note = f" ({n_repaired:,} repaired: invalid UTF-8 or lone surrogates became U+FFFD)" if n_repaired else ""
@@ -178,7 +169,7 @@ def tokenize_split(split, chunks, pool, args):
 
 def pool_map(pool, fn, items, ahead):
     """fn(item) for each item, in order, by pool's workers, with at most `ahead` items in flight."""
-    items, futures = iter(items), collections.deque()
+    items, futures = iter(items), []
     while True:
         futures.extend(pool.submit(fn, item) for item in itertools.islice(items, ahead - len(futures)))
         if not futures:
@@ -186,12 +177,11 @@ def pool_map(pool, fn, items, ahead):
         while not wait([futures[0]], timeout=1).done:  # a worker that died sending its result leaves the pool
             if any(p.exitcode is not None for p in pool._processes.values()):  # waiting for the rest of it
                 raise BrokenProcessPool
-        yield futures.popleft().result()
+        yield futures.pop(0).result()
 
 
 def start_worker():
-    """Leave Ctrl-C and SIGTERM, which may reach every process of a run (a terminal, timeout, SLURM), to the parent,
-    which then kills the workers; exit once the parent is gone."""
+    """Leave Ctrl-C and SIGTERM (a terminal, timeout or SLURM signals every process) to the parent; exit with it."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -307,8 +297,7 @@ def remove(out_dir, pattern, keep=()):
 
 def install(out_dir, meta):
     """Move the staged shards into place, drop shards of earlier runs, then write meta.json."""
-    if os.path.exists(os.path.join(out_dir, "meta.json")):
-        os.remove(os.path.join(out_dir, "meta.json"))
+    remove(out_dir, r"meta\.json")
     keep = [name for s in meta["splits"].values() for name in s["shards"]]
     for name in keep:
         os.replace(os.path.join(out_dir, name + ".new"), os.path.join(out_dir, name))
