@@ -305,19 +305,9 @@ def install(out_dir, meta):
     write_meta(out_dir, meta)
 
 
-# -----------------------------------------------------------------------------
-# first use: train.py prepares a data dir named after a bundled sample (data.BUNDLED) from it
-
 def prepare_once(out_dir, source):
-    """Prepare source (as --data_dir reads it) into out_dir with the byte tokenizer unless it holds meta.json ->
-    whether this call did. Runs at once take turns holding out_dir/.lock: the first prepares, the others wait."""
-    meta = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta):  # written last: prepared
-        return False
-    if not glob.has_magic(source) and not os.path.exists(source):
-        raise DataError(f"data source {source} does not exist in {os.getcwd()}; run from the directory it is "
-                        "relative to or give its absolute path")
-    files = find_sources(source, None, None)
+    """train.py's first use of a bundled sample's data dir (data.BUNDLED): prepare source into out_dir with the byte
+    tokenizer unless it holds meta.json -> whether this call did. Runs at once take turns on out_dir/.lock."""
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, ".lock"), "a")
@@ -325,11 +315,14 @@ def prepare_once(out_dir, source):
         raise DataError(f"cannot use {out_dir}: {e.strerror}; use another data dir") from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # until the run preparing it (if any) is done
-        if os.path.exists(meta):
+        if os.path.exists(os.path.join(out_dir, "meta.json")):
             return False
+        if not glob.has_magic(source) and not os.path.exists(source):
+            raise DataError(f"data source {source} does not exist in {os.getcwd()}; run from the directory it is "
+                            "relative to or give its absolute path")
+        files = find_sources(source, None, None)
         seconds = max(1, round(sum(os.path.getsize(f) for fs in files.values() for f in fs) / 3e6))  # ~3 MB/s
-        shown = os.path.relpath(source, os.path.dirname(os.path.abspath(__file__)))
-        shown = source if shown.startswith("..") else shown  # the bundled ones: relative to the repository
+        shown = source.removeprefix(os.path.dirname(os.path.abspath(__file__)) + os.sep)  # the bundled: as in the repo
         print(f"preparing {out_dir} from {shown} with the byte tokenizer (first run, ~{seconds} s)", flush=True)
         main(["--out_dir", out_dir, "--data_dir", source, "--tokenizer", "byte", "--workers", "1"])
     return True
