@@ -152,7 +152,7 @@ def test_prepare_once_waits_while_another_run_prepares_and_then_finds_its_data(t
     assert dir_bytes(tmp_path / "new") == prepared_once(kjv_reference)
 
 
-def test_a_dir_that_is_not_a_dataset_is_an_error_and_left_alone(tmp_path):
+def test_a_dir_holding_another_file_or_a_file_in_its_place_is_a_one_line_error_and_left_alone(tmp_path):
     out = tmp_path / "kjv_byte"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
