@@ -167,13 +167,9 @@ class LLaMA(nn.Module):
         # so a bf16 copy of the table gives exactly what HF's fp32-computed-then-cast tables give
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module):
-        # the paper's code (HF Llama init): every Linear/Embedding weight N(0, 0.02), norm gains 1
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for m in self.modules():  # the paper's code (HF Llama init): Linear/Embedding weights N(0, 0.02), gains 1
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
