@@ -260,14 +260,11 @@ class StopSignals:
             os._exit(128 + signum)
 
 
-class Interrupted(Exception):  # (signum, step, checkpoint path)
-    pass
-
-
 # -----------------------------------------------------------------------------
 # training
 
 def train(cfg):
+    """Run the config's training -> None, or (signal number, step, checkpoint path) if a signal stopped it."""
     rank, world_size, device = init_distributed(cfg.fsdp)
     master = rank == 0
     if master:
@@ -351,7 +348,7 @@ def train(cfg):
             if last_step:
                 break
             if signum:
-                raise Interrupted(signum, step, ckpt_path)
+                return signum, step, ckpt_path  # main prints how to resume
 
             # one optimizer step, from `step` to step + 1; its loss stays on the device until the next log line
             for group in (g for opt in optimizers for g in opt.param_groups):
@@ -402,17 +399,17 @@ def main(argv):
             print(__doc__ + f"\nkeys, {'values of ' + ' '.join(given) if given else 'defaults'} and allowed values:\n"
                   + help_text(load_config(given)))
             return
-        train(load_config(argv))
+        stopped = train(load_config(argv))
+        if stopped:  # by a signal
+            signum, step, path = stopped
+            if master:
+                launcher = "torchrun [its options] train.py" if "RANK" in os.environ else "python train.py"
+                argv = [a for a in argv if not a.startswith(("--resume=", "--overwrite="))] + ["--resume=True"]
+                print(f"{signal.Signals(signum).name}: stopped at step {step}, saved {path}; resume with: {launcher} "
+                      f"{shlex.join(argv)}", flush=True)
+            sys.exit(128 + signum)
     except (ValueError, FloatingPointError) as e:  # bad input (DataError is a ValueError) or divergence
         sys.exit(f"error: {e}" if master else 1)  # from rank 0
-    except Interrupted as e:
-        signum, step, path = e.args
-        if master:
-            launcher = "torchrun [its options] train.py" if "RANK" in os.environ else "python train.py"
-            argv = [a for a in argv if not a.startswith(("--resume=", "--overwrite="))] + ["--resume=True"]
-            print(f"{signal.Signals(signum).name}: stopped at step {step}, saved {path}; resume with: {launcher} "
-                  f"{shlex.join(argv)}", flush=True)
-        sys.exit(128 + signum)
     except KeyboardInterrupt:  # before the loop, which saves
         print("interrupted before the first step: nothing was saved", file=sys.stderr)
         sys.exit(130)
