@@ -308,6 +308,8 @@ def install(out_dir, meta):
 def prepare_once(out_dir, source):
     """train.py's first use of a bundled sample's data dir (data.BUNDLED): prepare source into out_dir with the byte
     tokenizer unless it holds meta.json -> whether this call did. Runs at once take turns on out_dir/.lock."""
+    if os.path.exists(os.path.join(out_dir, "meta.json")):  # prepared: no lock needed, so it may be read-only
+        return False
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, ".lock"), "a")
@@ -320,10 +322,8 @@ def prepare_once(out_dir, source):
         if not glob.has_magic(source) and not os.path.exists(source):
             raise DataError(f"data source {source} does not exist in {os.getcwd()}; run from the directory it is "
                             "relative to or give its absolute path")
-        files = find_sources(source, None, None)
-        seconds = max(1, round(sum(os.path.getsize(f) for fs in files.values() for f in fs) / 3e6))  # ~3 MB/s
         shown = source.removeprefix(os.path.dirname(os.path.abspath(__file__)) + os.sep)  # the bundled: as in the repo
-        print(f"preparing {out_dir} from {shown} with the byte tokenizer (first run, ~{seconds} s)", flush=True)
+        print(f"preparing {out_dir} from {shown} with the byte tokenizer (first run)", flush=True)
         main(["--out_dir", out_dir, "--data_dir", source, "--tokenizer", "byte", "--workers", "1"])
     return True
 
