@@ -42,7 +42,8 @@ def test_fp32_vectors_do_not_move_the_memory_table():
 
 
 def test_state_elements_per_optimizer():
-    model = compare.meta_model(load_config(["--dim=64", "--n_layers=2", "--n_heads=4", "--ffn_dim=128"]), vocab_size=100)
+    model = compare.meta_model(load_config(["--dim=64", "--n_layers=2", "--n_heads=4", "--ffn_dim=128"]),
+                               vocab_size=100)
     n = model.num_params()
     vectors = (2 * 2 + 1) * 64
     hidden = n - 2 * 100 * 64 - vectors
@@ -118,7 +119,8 @@ def test_seeds_give_mean_std_and_a_noise_verdict(byte_data, tmp_path):
     diff = statistics.mean(b) - statistics.mean(a)
     two_se = 2 * math.sqrt(statistics.variance(a) / 2 + statistics.variance(b) / 2)
     verdict = "within" if diff < two_se else "beyond"
-    assert f"{best} is {diff:.4f} below {other} in val loss, {verdict} seed noise (2 standard errors: {two_se:.4f})" in text
+    assert (f"{best} is {diff:.4f} below {other} in val loss, {verdict} seed noise "
+            f"(2 standard errors: {two_se:.4f})") in text
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -183,7 +185,8 @@ def test_an_out_dir_compare_did_not_write_is_refused_and_its_own_is_run_over_aga
     for _ in range(2):  # a re-run over its own out_dir (the runs' own --resume or --overwrite is train.py's)
         compare.main(argv(tmp_path / "cmp"))
     assert ran == ["scale", "adamw"] * 2
-    assert set(os.listdir(tmp_path / "cmp")) - {"compare.png"} == {".written_by", "results.md"}  # the plot: matplotlib's
+    # the plot: matplotlib's
+    assert set(os.listdir(tmp_path / "cmp")) - {"compare.png"} == {".written_by", "results.md"}
 
 
 def test_runs_already_there_are_refused_before_any_starts_unless_resumed_or_overwritten(byte_data, tmp_path,

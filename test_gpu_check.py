@@ -103,7 +103,8 @@ def test_stochastic_rounding_s_extra_time_is_given_as_a_share_of_the_training_st
 def test_without_a_gpu_the_check_is_a_one_line_error():
     with pytest.raises(SystemExit) as e:
         gpu_check.main([])
-    assert e.value.code == "error: no CUDA GPU here; for a dry run on CPU: python -m tools.gpu_check --device cpu --tiny"
+    assert e.value.code == ("error: no CUDA GPU here; for a dry run on CPU: "
+                            "python -m tools.gpu_check --device cpu --tiny")
     with pytest.raises(SystemExit) as e:
         gpu_check.main(["--device", "cpu"])
     assert e.value.code == "error: --device cpu is the dry run: add --tiny"

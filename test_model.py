@@ -55,7 +55,8 @@ def test_config_files_use_only_known_keys():
         assert cfg["total_batch_size"] % cfg["batch_size"] == 0 and cfg["out_dir"] == f"out/{name}"
     tiny = load_config("tiny")
     assert tiny["dtype"] == "float32" and tiny["compile"] is False
-    assert all(tiny["total_batch_size"] % (tiny["batch_size"] * ranks) == 0 for ranks in (1, 2))  # CPU: 1 or 2 processes
+    # CPU: 1 or 2 processes
+    assert all(tiny["total_batch_size"] % (tiny["batch_size"] * ranks) == 0 for ranks in (1, 2))
     LLaMAConfig.from_config(tiny, vocab_size=257)
 
 
@@ -216,7 +217,8 @@ def test_compile_fullgraph_matches_eager():
 @pytest.mark.optional
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_same_as_hf_llama(attn):
-    transformers = pytest.importorskip("transformers", reason="transformers not installed: parity with LlamaForCausalLM")
+    transformers = pytest.importorskip("transformers",
+                                       reason="transformers not installed: parity with LlamaForCausalLM")
     torch.manual_seed(0)
     ours = tiny_model(n_layers=3, max_seq_len=128)
     hf_cfg = hf_config(ours.config, attn_implementation=attn)  # export_hf.py's config and names

@@ -66,9 +66,11 @@ def run_subprocess(args, **kw):
 
 def torchrun(args, nproc=2):
     """train.py on nproc gloo processes; asserts it succeeds -> the CompletedProcess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train.py", *args]
     p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + "\n".join(l for l in p.stderr.splitlines() if "Warning" not in l)[-6000:]
+    assert p.returncode == 0, (p.stdout[-2000:]
+                               + "\n".join(l for l in p.stderr.splitlines() if "Warning" not in l)[-6000:])
     return p
 
 
@@ -114,7 +116,8 @@ def scale_run(byte_data, tmp_path_factory):
     (dict(momentum_roles="output,lm_head"), "error: momentum_roles must be among matrix, embedding, output; got "
                                             "('output', 'lm_head')"),  # SCALE's check
     (dict(momentum_roles=""), "error: momentum_roles must be among matrix, embedding, output; got ('',)"),
-    (dict(resume=True, overwrite=True), "error: resume=True continues the run in out_dir and overwrite=True deletes it"),
+    (dict(resume=True, overwrite=True), "error: resume=True continues the run in out_dir and overwrite=True "
+                                        "deletes it"),
     (dict(max_steps=100, warmup_steps=1100), "error: warmup_steps=1100 is more than max_steps=100: the lr would never "
                                              "reach its peak; pass --warmup_steps=10 (10%, as the paper) or fewer"),
 ])
@@ -413,7 +416,8 @@ def test_rerun_without_resume_keeps_the_previous_run(scale_run, byte_data, tmp_p
 def test_overwrite_starts_over(scale_run, byte_data, tmp_path, capsys):
     out = copy_run(scale_run, tmp_path)
     train.main(tiny_args(byte_data, out, max_steps=5, overwrite=True))
-    assert f"overwrite=True: deleted the previous run's ckpt.pt, ckpt_prev.pt, log.jsonl in {out}\n" in capsys.readouterr().out
+    assert (f"overwrite=True: deleted the previous run's ckpt.pt, ckpt_prev.pt, log.jsonl in {out}\n"
+            in capsys.readouterr().out)
     assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "log.jsonl"] and load_ckpt(out)["step"] == 5
     assert events(read_log(out), "train", "step") == [1, 2, 3, 4, 5]
 

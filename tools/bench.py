@@ -94,7 +94,8 @@ def bench_optimizer(args):
         opts["SCALE eager"] = SCALE(scale_param_groups(model), lr=1e-3)
         pair = time_in_turn({name: optimizer_step(opts[name], 1) for name in ("AdamW(fused=True)", "SCALE eager")},
                             1, 5, sync)
-        times["SCALE eager"], ratios["SCALE eager"] = pair["SCALE eager"], pair["SCALE eager"] / pair["AdamW(fused=True)"]
+        times["SCALE eager"], ratios["SCALE eager"] = (pair["SCALE eager"],
+                                                       pair["SCALE eager"] / pair["AdamW(fused=True)"])
         base_bytes = state_bytes([opts["AdamW(fused=True)"]])
         print(f"{dtype}: {sum(p.numel() for p in model.parameters()):,} params")
         for name, opt in opts.items():
@@ -159,7 +160,8 @@ def bench_model_cpu(args):
     results = time_in_turn({name: train_step(*run, x, y) for name, run in runs.items()}, args.warmup, args.steps)
     base = next((t for k, t in results.items() if k.startswith("HF")), None)
     for name, t in results.items():
-        print(f"{name:50s} {args.batch_size * args.seq_len / t:9.0f} tokens/s" + (f"  {base / t:.2f}x HF" if base else ""))
+        print(f"{name:50s} {args.batch_size * args.seq_len / t:9.0f} tokens/s"
+              + (f"  {base / t:.2f}x HF" if base else ""))
 
 
 OURS, HF = "ours + SCALE", "HF + fused AdamW"
@@ -303,7 +305,8 @@ def bench_data(args):
         t0 = time.perf_counter()
         n_tokens = plain_loop(files, tokenizer)
         t_plain = time.perf_counter() - t0
-        print(f"plain encode_ordinary loop  : {n_tokens:>10,} tokens {t_plain:6.2f} s {n_tokens / t_plain:>12,.0f} tokens/s")
+        print(f"plain encode_ordinary loop  : {n_tokens:>10,} tokens {t_plain:6.2f} s "
+              f"{n_tokens / t_plain:>12,.0f} tokens/s")
         for w in args.workers:
             out = os.path.join(tmp, f"out{w}")
             t0 = time.perf_counter()
@@ -360,7 +363,8 @@ def bench_fsdp(args, train_args):
             tps = statistics.median(r["tokens_per_s"] for r in runs)
             m = runs[-1]
             peak = max(r["peak"] for r in runs)
-            print(f"{'FSDP (1 rank)' if fsdp else 'no FSDP      '}: {tps:>10,.0f} tokens/s ({tps / base:.2f}x), peak mem "
+            print(f"{'FSDP (1 rank)' if fsdp else 'no FSDP      '}: {tps:>10,.0f} tokens/s "
+                  f"({tps / base:.2f}x), peak mem "
                   f"{f'{peak / 2**30:.2f} GiB' if peak else 'n/a'}; held: params {m['rank_param_bytes'] / 2**30:.2f}, "
                   f"grads {m['rank_grad_bytes'] / 2**30:.2f}, optimizer state {m['rank_state_bytes'] / 2**30:.2f} GiB")
 

@@ -61,7 +61,8 @@ def main(argv=None):
     p.add_argument("--train_docs", type=int, default=30000, help="documents in the one train file")
     p.add_argument("--val_docs", type=int, default=3000, help="documents in the one val file")
     p.add_argument("--seed", type=int, default=0)
-    p.error = lambda message: sys.exit(f"error: {message}; see python -m tools.make_corpus --help")  # 1, as other errors
+    # 1, as other errors
+    p.error = lambda message: sys.exit(f"error: {message}; see python -m tools.make_corpus --help")
     args = p.parse_args(argv)
     if args.train_docs < 1 or args.val_docs < 1:
         sys.exit("error: --train_docs and --val_docs must be positive")
