@@ -4,8 +4,7 @@ report, also written to $OUT/gpu_check.md, with each part's output in $OUT/gpu_c
 
     python -m tools.gpu_check                          # at most --budget (440) seconds on one H100 or H200
     python -m tools.gpu_check --parts model --sizes llama_60m --batch_size 512 --loss_chunks 1    # one variation
-    python -m tools.gpu_check --device cpu --tiny      # a dry run of every part on tiny shapes, on CPU \
-(test_gpu_check.py)
+    python -m tools.gpu_check --device cpu --tiny      # a dry run of every part on tiny shapes, on CPU (as tests do)
 
 The parts, each in its own process with its own time limit (tests and memory side by side, as neither is timed):
   tests      pytest -m cuda (test_cuda.py and any other test marked cuda): each test's result, seconds and reason

@@ -4,9 +4,8 @@ What each precision costs in loss: train.py on the bundled King James Bible (con
 
     python -m tools.precision                                   # the 5 modes, seed 0
     python -m tools.precision --modes "bf16 paper,bf16 stochastic" --seeds 0,1,2
-    python -m tools.precision -- --max_steps=400 --total_batch_size=8    # shorter: bf16 matmuls are slow on CPUs \
-without
-                                                                   # bf16 units (~10x float32's time on AVX2)
+    python -m tools.precision -- --max_steps=400 --total_batch_size=8    # shorter: bf16 matmuls are slow on
+                                                                   # CPUs without bf16 units (~10x float32 on AVX2)
 
 Modes: float32; dtype=bfloat16 with bf16=paper (the paper's pure bf16), fp32_vectors or stochastic; mixed. Each
 runs train.py as its own process into out_dir/<mode>/seed<s> with --resume=True, so a re-run reuses finished runs
