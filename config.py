@@ -7,35 +7,35 @@ import math
 import traceback
 import types
 
-# key: (default, allowed values, meaning). Allowed values: a range ("> 0", ">= 0", or an interval such as
-# "[0, 1)", brackets inclusive), a tuple of choices, or None (any value of the default's type).
+# key: (default, allowed values, meaning). Allowed values: a Python condition on the key ("lr >= 0"; the value must
+# be finite too), a tuple of choices, or None (any value of the default's type).
 KEYS = {
     # model; the vocabulary size comes from data_dir/meta.json
-    "dim": (512, "> 0", "model width"),
-    "n_layers": (8, "> 0", "transformer blocks"),
-    "n_heads": (8, "> 0", "attention heads; the head dim, dim / n_heads, must be an even integer"),
-    "ffn_dim": (1376, "> 0", "hidden width of the SwiGLU MLP"),
+    "dim": (512, "dim > 0", "model width"),
+    "n_layers": (8, "n_layers > 0", "transformer blocks"),
+    "n_heads": (8, "n_heads > 0", "attention heads; the head dim, dim / n_heads, must be an even integer"),
+    "ffn_dim": (1376, "ffn_dim > 0", "hidden width of the SwiGLU MLP"),
     # optimizer
     "optimizer": ("scale", ("scale", "adamw", "muon", "sgd"), "the optimizer"),
-    "lr": (1e-3, ">= 0", "peak learning rate (for Muon: of both its parts)"),
-    "adam_lr": (0.0, ">= 0", "SCALE's AdamW lr for 1-D params; 0 = lr"),
-    "momentum": (0.9, "[0, 1)", "SCALE's and SGD's momentum (Muon keeps its own 0.95)"),
+    "lr": (1e-3, "lr >= 0", "peak learning rate (for Muon: of both its parts)"),
+    "adam_lr": (0.0, "adam_lr >= 0", "SCALE's AdamW lr for 1-D params; 0 = lr"),
+    "momentum": (0.9, "0 <= momentum < 1", "SCALE's and SGD's momentum (Muon keeps its own 0.95)"),
     "momentum_roles": ("output", None, "SCALE's roles with momentum, comma-separated, from output,matrix,embedding"),
-    "weight_decay": (0.0, ">= 0", "weight decay (decoupled for SCALE, AdamW and Muon)"),
-    "grad_clip": (0.0, ">= 0", "max global gradient norm; 0 = off"),
+    "weight_decay": (0.0, "weight_decay >= 0", "weight decay (decoupled for SCALE, AdamW and Muon)"),
+    "grad_clip": (0.0, "grad_clip >= 0", "max global gradient norm; 0 = off"),
     # schedule: linear warmup, then cosine decay to min_lr_ratio * lr at max_steps
-    "max_steps": (11000, "> 0", "optimizer steps of the run"),
-    "warmup_steps": (1100, ">= 0", "steps of linear warmup"),
-    "min_lr_ratio": (0.1, "[0, 1]", "the lr at max_steps, over the peak lr"),
+    "max_steps": (11000, "max_steps > 0", "optimizer steps of the run"),
+    "warmup_steps": (1100, "warmup_steps >= 0", "steps of linear warmup"),
+    "min_lr_ratio": (0.1, "0 <= min_lr_ratio <= 1", "the lr at max_steps, over the peak lr"),
     # batch: total_batch_size sequences per optimizer step over all ranks, batch_size per rank per micro-step
-    "seq_len": (256, "> 0", "tokens per sequence"),
-    "total_batch_size": (512, "> 0", "sequences per optimizer step, over all ranks"),
-    "batch_size": (64, "> 0", "sequences per rank per micro-step (grad_accum makes up total_batch_size)"),
+    "seq_len": (256, "seq_len > 0", "tokens per sequence"),
+    "total_batch_size": (512, "total_batch_size > 0", "sequences per optimizer step, over all ranks"),
+    "batch_size": (64, "batch_size > 0", "sequences per rank per micro-step (grad_accum makes up total_batch_size)"),
     # evaluation, logging, checkpoints
-    "eval_every": (1000, "> 0", "steps between evaluations"),
-    "eval_tokens": (10_000_000, "> 0", "validation tokens per evaluation"),
-    "log_every": (10, "> 0", "steps between log lines"),
-    "ckpt_every": (1000, "> 0", "steps between checkpoints (out_dir/ckpt.pt)"),
+    "eval_every": (1000, "eval_every > 0", "steps between evaluations"),
+    "eval_tokens": (10_000_000, "eval_tokens > 0", "validation tokens per evaluation"),
+    "log_every": (10, "log_every > 0", "steps between log lines"),
+    "ckpt_every": (1000, "ckpt_every > 0", "steps between checkpoints (out_dir/ckpt.pt)"),
     "data_dir": ("data/c4", None, "prepared data (prepare_c4.py); data/kjv_byte, the bundled one, is made when used"),
     "out_dir": ("out", None, "where log.jsonl and ckpt.pt go"),
     "wandb_project": ("", None, "also log to this wandb project; empty = no wandb"),
@@ -47,7 +47,7 @@ KEYS = {
              "fp32_vectors and SCALE's bf16 writes rounded stochastically (docs/precision.md)"),
     "compile": (True, None, "torch.compile the model and the SCALE update"),
     "fsdp": (False, None, "shard params, grads and optimizer state over the ranks (FSDP2), not copy them (DDP)"),
-    "seed": (0, "[0, 4294967295]", "seed of the initialization and the data order"),
+    "seed": (0, "0 <= seed < 2**32", "seed of the initialization and the data order"),
     "resume": (False, None, "continue the run in out_dir from its checkpoint (start it if there is none yet)"),
     "overwrite": (False, None, "start over in an out_dir that holds another run, deleting its checkpoints and log"),
 }
@@ -105,34 +105,25 @@ def read_config_file(path):
 def set_key(cfg, key, value, source):
     """cfg[key] = value after checking the key, the value's type and its allowed values; source: where it came from."""
     if key not in KEYS:
-        raise ValueError(f"unknown config key {key!r} in {source}{did_you_mean(key, KEYS)}")
+        hint = did_you_mean(key, KEYS) or "; --help lists the keys"
+        raise ValueError(f"unknown config key {key!r} in {source}{hint}")
     default, allowed, _ = KEYS[key]
     want = type(default)
     if want is float and type(value) is int:
         value = float(value)
     if type(value) is not want:
         raise ValueError(f"{key} must be of type {want.__name__}, got {value!r} in {source}")
-    if value not in allowed if isinstance(allowed, tuple) else allowed and not in_range(value, allowed):
-        hint = did_you_mean(value, allowed) if isinstance(allowed, tuple) else ""
-        raise ValueError(f"{key} must be {in_words(default, allowed)}, got {value!r} in {source}{hint}")
+    if isinstance(allowed, str) and not (math.isfinite(value) and eval(allowed, {key: value})):
+        raise ValueError(f"{key} must satisfy {allowed}, got {value!r} in {source}")
+    if isinstance(allowed, tuple) and value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r} in {source}"
+                         f"{did_you_mean(value, allowed)}")
     cfg[key] = value
 
 
-def in_range(value, allowed):
-    """Whether a number lies in allowed: "> a", ">= a", or an interval "[a, b)" (brackets inclusive); inf does not."""
-    if allowed[0] == ">":
-        bound = float(allowed.lstrip(">="))
-        return math.isfinite(value) and (value >= bound if allowed[1] == "=" else value > bound)
-    low, high = (float(bound) for bound in allowed[1:-1].split(","))
-    above = low <= value if allowed[0] == "[" else low < value
-    return above and (value <= high if allowed[-1] == "]" else value < high)
-
-
 def in_words(default, allowed):
-    """A key's allowed values in words: "one of a, b", "> 0", "in [0, 1)", or "a bool" (any of its type)."""
-    if isinstance(allowed, tuple):
-        return "one of " + ", ".join(allowed)
-    return "a " + type(default).__name__ if allowed is None else allowed if allowed[0] == ">" else "in " + allowed
+    """A key's allowed values in words: "one of a, b", a condition ("dim > 0"), or "a bool" (any of its type)."""
+    return "one of " + ", ".join(allowed) if isinstance(allowed, tuple) else allowed or "a " + type(default).__name__
 
 
 def did_you_mean(word, options):

@@ -129,7 +129,7 @@ def test_seeds_give_mean_std_and_a_noise_verdict(byte_data, tmp_path):
     (["--seeds", "0,one"], "--seeds takes a comma-separated list without repeats, got '0,one'"),
     (["--lr", "adamw=fast"], "--lr takes optimizer=value, e.g. adamw=3e-3, got 'adamw=fast'"),
     (["--lr", "lion=1e-3"], "--lr names lion, which --optimizers does not run; give an lr for one of scale, adamw"),
-    (["--lr", "adamw=-1"], "lr must be >= 0, got -1.0 in --lr=-1.0"),
+    (["--lr", "adamw=-1"], "lr must satisfy lr >= 0, got -1.0 in --lr=-1.0"),
     (["--", "--max_step=3"], "unknown config key 'max_step' in --max_step=3; did you mean max_steps"),
     (["--", "--data_dir=no/such/dir"], "data dir no/such/dir does not exist"),
     (["--", "--seq_len=100000"], "the train split of"),

@@ -111,8 +111,8 @@ def scale_run(byte_data, tmp_path_factory):
     (dict(lr="fast"), "error: lr must be of type float, got 'fast' in --lr=fast"),
     (dict(total_batch_size=10), "error: total_batch_size 10 is not divisible by batch_size*world_size = 4*1"),
     (dict(data_dir="no/such/dir"), "error: data dir no/such/dir does not exist"),
-    (dict(warmup_steps=-5), "error: warmup_steps must be >= 0, got -5 in --warmup_steps=-5"),
-    (dict(optimizer="sgd", momentum=1.5), "error: momentum must be in [0, 1), got 1.5 in --momentum=1.5"),
+    (dict(warmup_steps=-5), "error: warmup_steps must satisfy warmup_steps >= 0, got -5 in --warmup_steps=-5"),
+    (dict(optimizer="sgd", momentum=1.5), "error: momentum must satisfy 0 <= momentum < 1, got 1.5 in --momentum=1.5"),
     (dict(momentum_roles="output,lm_head"), "error: momentum_roles must be among matrix, embedding, output; got "
                                             "('output', 'lm_head')"),  # SCALE's check
     (dict(momentum_roles=""), "error: momentum_roles must be among matrix, embedding, output; got ('',)"),
