@@ -4,6 +4,7 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -684,7 +685,9 @@ import numpy as np
 from data import TrainBatches, open_shard, val_batches
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # the hard limit too: nothing can raise it
 tb = TrainBatches(sys.argv[1], 32, 8, 16, seed=2)
+assert tb.windows.max_open == 16
 x = np.stack([tb.get(step, k)[0].numpy() for step in range(20) for k in range(2)])
+assert 0 < len(tb.windows.fds) <= 16
 v = np.concatenate([x.numpy() for x, y in val_batches(sys.argv[1], 32, 8, 3000)])
 np.save(sys.argv[2], x)
 np.save(sys.argv[3], v)
@@ -707,6 +710,24 @@ def test_more_shards_than_the_open_file_limit(c4_source, byte_data, tmp_path):
     assert np.array_equal(np.load(x_path), np.stack([tb.get(s, k)[0].numpy() for s in range(20) for k in range(2)]))
     val = val_batches(str(byte_data), 32, 8, 3000)
     assert np.array_equal(np.load(v_path), np.concatenate([x.numpy() for x, y in val]))
+
+
+RAISED_LIMIT_CHILD = """
+import resource, sys
+from data import TrainBatches
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))  # a hard limit above what 210 shards want
+tb = TrainBatches(sys.argv[1], 32, 8, 16)
+print(resource.getrlimit(resource.RLIMIT_NOFILE), tb.windows.max_open)
+"""
+
+
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 4096, reason="needs a hard open-file limit of 4096")
+def test_the_soft_open_file_limit_is_raised_to_keep_every_shard_open(c4_source, tmp_path):
+    out = tmp_path / "many"
+    prepare(out, c4_source, "--train_shards", "2", "--workers", "1", "--shard_tokens", "300")
+    p = subprocess.run([sys.executable, "-c", RAISED_LIMIT_CHILD, str(out)], capture_output=True, text=True,
+                       cwd=os.path.dirname(__file__))
+    assert p.returncode == 0 and p.stdout == "(840, 4096) 210\n", p.stderr  # 210 train shards, 4 descriptors each
 
 
 def test_shard_removed_or_cut_short_while_training(byte_data, tmp_path):
