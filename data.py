@@ -59,9 +59,7 @@ def write_atomic(path, write, previous=None):
 
 
 def write_shard(path, tokens):
-    tokens = np.asarray(tokens)
-    if tokens.dtype not in (np.uint16, np.uint32) or tokens.ndim != 1:
-        raise DataError(f"write_shard wants a 1-D uint16/uint32 array, got {tokens.dtype} {tokens.shape}")
+    """tokens: a 1-D uint16 or uint32 array."""
     header = np.array([MAGIC, VERSION, tokens.dtype.itemsize, len(tokens)], dtype="<i8")
     write_atomic(path, lambda f: f.writelines([header, np.ascontiguousarray(tokens, tokens.dtype.newbyteorder("<"))]))
 
@@ -88,12 +86,6 @@ def read_header(path, dtype=None):
         raise DataError(f"shard {path} holds {np.dtype(DTYPES[itemsize])} tokens but meta.json says "
                         f"{np.dtype(dtype)}; the shard and meta.json come from different runs: {redo}")
     return np.dtype(DTYPES[itemsize]), n
-
-
-def open_shard(path, dtype=None):
-    """Memory-map a shard's tokens (for inspection; the loader reads with Windows); dtype as in read_header."""
-    shard_dtype, n = read_header(path, dtype)
-    return np.memmap(path, dtype=shard_dtype, mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
 def write_meta(data_dir, meta):
@@ -222,8 +214,6 @@ class TrainBatches:
     """Training batches, a function of (seed, step, micro_step, rank) only."""
 
     def __init__(self, data_dir, seq_len, batch_size, total_batch_size, rank=0, world_size=1, seed=0):
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside 0..world_size-1 = {world_size - 1}")
         if total_batch_size % (batch_size * world_size):
             raise DataError(f"total_batch_size {total_batch_size} is not divisible by batch_size*world_size = "
                             f"{batch_size}*{world_size}; change total_batch_size or batch_size")

@@ -22,10 +22,16 @@ from tiktoken_ext.openai_public import r50k_pat_str
 import data
 import prepare_c4
 from tools.make_corpus import make_c4_source, write_c4_file
-from data import DataError, TrainBatches, open_shard, val_batches
+from data import DataError, TrainBatches, val_batches
 
 SPLIT_FILES = {"train": ["en/c4-train.00000-of-01024.json.gz", "en/c4-train.00001-of-01024.json.gz"],
                "val": ["en/c4-validation.00000-of-00008.json.gz"]}
+
+
+def open_shard(path, dtype=None):
+    """A shard's tokens as a memmap, its header checked as the loader checks it."""
+    shard_dtype, n = data.read_header(path, dtype)
+    return np.memmap(path, dtype=shard_dtype, mode="r", offset=data.HEADER_BYTES, shape=(n,))
 
 
 def read_docs(path):
@@ -536,8 +542,6 @@ def test_shard_header_errors(tmp_path):
     check(good[:16] + np.int64(3).tobytes() + good[24:], not_a_shard)
     check(good, "shard {p} holds uint16 tokens but meta.json says uint32; the shard and meta.json come from "
                 "different runs: re-run prepare_c4.py", np.uint32)
-    with pytest.raises(DataError, match="write_shard wants a 1-D uint16/uint32 array, got int64"):
-        data.write_shard(path, np.arange(3))
 
 
 def test_meta_errors(byte_data, tmp_path):
@@ -682,7 +686,7 @@ def test_windows_cross_shard_boundaries(c4_source, byte_data, tmp_path):
 LOW_LIMIT_CHILD = """
 import resource, sys
 import numpy as np
-from data import TrainBatches, open_shard, val_batches
+from data import TrainBatches, val_batches
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # the hard limit too: nothing can raise it
 tb = TrainBatches(sys.argv[1], 32, 8, 16, seed=2)
 assert tb.windows.max_open == 16
@@ -692,7 +696,7 @@ v = np.concatenate([x.numpy() for x, y in val_batches(sys.argv[1], 32, 8, 3000)]
 np.save(sys.argv[2], x)
 np.save(sys.argv[3], v)
 try:
-    [open_shard(p) for p in tb.windows.paths]
+    [np.memmap(p, mode="r") for p in tb.windows.paths]
 except OSError as e:
     print("memmaps:", e.strerror)
 """
@@ -775,7 +779,6 @@ def test_vocab_size_must_be_the_tokenizers(byte_data, tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(batch_size=4, total_batch_size=10, world_size=2),
      "total_batch_size 10 is not divisible by batch_size*world_size = 4*2; change total_batch_size or batch_size"),
-    (dict(rank=2, world_size=2), "rank 2 is outside 0..world_size-1 = 1"),
     (dict(seq_len=10**6), "the train split of {d} has 62885 tokens, fewer than one window of seq_len+1 = 1000001;"
                           " prepare more data or lower seq_len"),
 ])

@@ -17,15 +17,22 @@ import time
 import numpy as np
 import pytest
 
+import data
 import prepare_c4
 import train
-from data import DataError, load_meta, open_shard
+from data import DataError, load_meta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KJV = os.path.join(HERE, "assets", "kjv")
 FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "val": "en/c4-validation.00000-of-00008.json.gz"}
 SHORT = ["--max_steps=3", "--warmup_steps=1", "--eval_every=3", "--eval_tokens=1024", "--log_every=1", "--ckpt_every=3"]
 FINAL_EVAL = re.compile(r"^step 3 \| val loss (\d+\.\d+)", re.M)
+
+
+def open_shard(path, dtype=None):
+    """A shard's tokens as a memmap, its header checked as the loader checks it."""
+    shard_dtype, n = data.read_header(path, dtype)
+    return np.memmap(path, dtype=shard_dtype, mode="r", offset=data.HEADER_BYTES, shape=(n,))
 
 
 def documents(split):
