@@ -313,10 +313,10 @@ def prepare_once(out_dir, source):
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, ".lock"), "a")
-    except OSError as e:  # a file of that name, a parent that is a file, no permission
+        fcntl.flock(lock, fcntl.LOCK_EX)  # until the run preparing it (if any) is done
+    except OSError as e:  # a file of that name, a parent that is a file, no permission, no locks on its filesystem
         raise DataError(f"cannot use {out_dir}: {e.strerror}; use another data dir") from None
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # until the run preparing it (if any) is done
         if os.path.exists(os.path.join(out_dir, "meta.json")):
             return False
         if not glob.has_magic(source) and not os.path.exists(source):

@@ -1,6 +1,7 @@
 """Tests for the first run on the bundled sample: assets/kjv is the King James Bible by chapter, and
 configs/tiny.py reads data/kjv_byte, which train.py prepares from it on first use (prepare_c4.prepare_once), once,
 safely for runs at once and killed runs. CPU, offline."""
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -181,6 +182,16 @@ def test_a_dir_holding_another_file_or_a_file_in_its_place_is_a_one_line_error_a
     assert str(e.value) == f"cannot use {tmp_path / 'file'}: File exists; use another data dir"
     assert (tmp_path / "file").read_text() == "mine"
 
+
+
+def test_a_filesystem_without_locks_is_a_one_line_error(tmp_path, monkeypatch):
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(prepare_c4.fcntl, "flock", no_locks)
+    with pytest.raises(DataError) as e:
+        prepare_c4.prepare_once(str(tmp_path / "kjv_byte"), KJV)
+    assert str(e.value) == f"cannot use {tmp_path / 'kjv_byte'}: No locks available; use another data dir"
 
 @pytest.mark.parametrize("name", ["mine", "kjv_bytes", "kjv"])
 def test_a_data_dir_not_named_after_a_bundled_sample_is_never_prepared(tmp_path, name):

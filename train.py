@@ -234,7 +234,7 @@ def check_inputs(cfg, rank=0, world_size=1):
         raise ValueError(f"warmup_steps={cfg.warmup_steps} is more than max_steps={cfg.max_steps}: the lr would never "
                          f"reach its peak; pass --warmup_steps={cfg.max_steps // 10} (10%, as the paper) or fewer")
     source = bundled_source(cfg.data_dir)
-    if source:  # safe for all ranks (or runs) at once
+    if source:  # runs and ranks at once take turns (on one host; across hosts if the filesystem's flock works)
         prepare_once(cfg.data_dir, source)
     batches = TrainBatches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.total_batch_size, rank, world_size, cfg.seed)
     val_batches(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rank, world_size)  # checks when called
@@ -267,8 +267,6 @@ def train(cfg):
     """Run the config's training -> None, or (signal number, step, checkpoint path) if a signal stopped it."""
     rank, world_size, device = init_distributed(cfg.fsdp)
     master = rank == 0
-    if master:
-        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in vars(cfg).items()), flush=True)
     autocast = autocast_for(cfg.dtype, device) if not cfg.fsdp else nullcontext()  # FSDP: its MixedPrecisionPolicy
     batches, model_cfg = check_inputs(cfg, rank, world_size)
     torch.manual_seed(cfg.seed)
@@ -280,6 +278,8 @@ def train(cfg):
     if cfg.fsdp:
         shard_model(model, cfg)  # before the optimizers, which then hold the sharded params
     optimizers = make_optimizers(model, cfg)
+    if master:  # the inputs checked
+        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in vars(cfg).items()), flush=True)
 
     with claim_out_dir(cfg, master):
         ckpt_path = os.path.join(cfg.out_dir, CKPT)
