@@ -26,7 +26,7 @@ from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 import numpy as np
 import tiktoken
 
-from data import BUNDLED, DataError, bundled_source, token_dtype, write_meta, write_shard  # noqa: F401 (train.py's)
+from data import DataError, token_dtype, write_meta, write_shard
 
 C4_FILES = {"train": "en/c4-train.{:05d}-of-01024.json.gz", "val": "en/c4-validation.{:05d}-of-00008.json.gz"}
 SHARD = r"(train|val)_\d{6}\.bin(\.new(\.tmp)?)?"  # a shard, staged (.new) or being written (.new.tmp)

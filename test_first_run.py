@@ -203,8 +203,8 @@ def test_a_data_dir_not_named_after_a_bundled_sample_is_never_prepared(tmp_path,
 
 
 def test_only_the_bundled_names_have_a_source():
-    assert prepare_c4.bundled_source("data/kjv_byte") == prepare_c4.bundled_source("/x/kjv_byte/") == KJV
-    assert prepare_c4.bundled_source("data/c4") is None and prepare_c4.bundled_source("kjv") is None
+    assert data.bundled_source("data/kjv_byte") == data.bundled_source("/x/kjv_byte/") == KJV
+    assert data.bundled_source("data/c4") is None and data.bundled_source("kjv") is None
 
 
 @pytest.mark.slow
@@ -217,7 +217,7 @@ def test_a_first_run_killed_while_preparing_leaves_no_dataset_and_the_next_run_p
     os.mkfifo(source / "kjv_val.json.gz")
     data = tmp_path / "data" / "kjv_byte"
     # train.py with the bundled sample's source replaced by this one
-    patched = [sys.executable, "-c", "import sys, prepare_c4, train; prepare_c4.BUNDLED['kjv_byte'] = sys.argv[1]; "
+    patched = [sys.executable, "-c", "import sys, data, train; data.BUNDLED['kjv_byte'] = sys.argv[1]; "
                "train.main(sys.argv[2:])", str(source)] + tiny()[2:]
     args = [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"]
     proc = subprocess.Popen(patched + args, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

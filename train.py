@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (CKPT, Log, check_resume, claim_out_dir, git_commit, latest_checkpoint, load_checkpoint,
                         read_checkpoint, save_checkpoint, state_tensors)
 from config import help_text, load_config
-from data import TrainBatches, val_batches
+from data import TrainBatches, bundled_source, val_batches
 from model import LLaMA, LLaMAConfig, peak_flops
-from prepare_c4 import bundled_source, prepare_once
+from prepare_c4 import prepare_once
 from scale import SCALE, local, scale_param_groups
 
 
